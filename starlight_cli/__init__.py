@@ -1,0 +1,4 @@
+"""starlight_cli."""
+
+__version__ = "0.1.0"
+

@@ -1,0 +1,4 @@
+"""starlight_proxy."""
+
+__version__ = "0.1.0"
+

@@ -1,0 +1,4 @@
+"""starlight_worker."""
+
+__version__ = "0.1.0"
+
