@@ -44,7 +44,7 @@ class Digest(str):
         return self.split(":", 1)[0]
 
     @property
-    def hex(self) -> str:  # type: ignore[override]
+    def hex(self) -> str:  # type: ignore[override,unused-ignore]
         return self.split(":", 1)[1]
 
     def hasher(self) -> hashlib._Hash:

@@ -109,10 +109,14 @@ class Index:
             raise InvalidInput(f"unsupported index schemaVersion {self.schema_version}")
 
 
+def _digests(values: Sequence[str]) -> tuple[Digest, ...]:
+    return tuple(Digest(v) for v in values)
+
+
 @attrs.frozen
 class RootFS:
     type: str
-    diff_ids: tuple[Digest, ...] = attrs.field(converter=lambda v: tuple(Digest(d) for d in v))
+    diff_ids: tuple[Digest, ...] = attrs.field(converter=_digests)
 
 
 @attrs.frozen
@@ -174,7 +178,9 @@ def select_manifests(
     ``platforms`` None means the host's platform; a platform no manifest matches exactly falls
     back to the best compatible one (an arm64 host runs arm/v7), as containerd's matcher does.
     """
-    candidates = [d for d in index.manifests if d.media_type in MANIFEST_MEDIA_TYPES or d.media_type is None]
+    candidates = [
+        d for d in index.manifests if d.media_type in MANIFEST_MEDIA_TYPES or d.media_type is None
+    ]
     if all_platforms:
         return list(candidates)
     wanted = list(platforms) if platforms else [Platform.host()]

@@ -62,7 +62,11 @@ class Platform:
             if not _PART_RE.match(part.lower()):
                 raise InvalidPlatform(f"invalid platform component {part!r}")
         arch, normalized_variant = _normalize(architecture, variant or None)
-        return cls(os=_OS_ALIASES.get(os.lower(), os.lower()), architecture=arch, variant=normalized_variant)
+        return cls(
+            os=_OS_ALIASES.get(os.lower(), os.lower()),
+            architecture=arch,
+            variant=normalized_variant,
+        )
 
     @classmethod
     def parse(cls, text: str) -> Platform:
@@ -94,9 +98,7 @@ class Platform:
             return _arm_rank(other.variant) <= _arm_rank(self.variant)
         if self.architecture == "arm64" and other.architecture == "arm":
             return other.variant in ("v7", "v6", "v5")
-        if self.architecture == "amd64" and other.architecture == "386":
-            return True
-        return False
+        return self.architecture == "amd64" and other.architecture == "386"
 
     def __str__(self) -> str:
         text = f"{self.os}/{self.architecture}"

@@ -18,8 +18,8 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from starlight_core import oci
 from starlight_core.digest import Digest
-from starlight_core.layer import toc
 from starlight_core.errors import InvalidInput, StarlightError
+from starlight_core.layer import toc
 from starlight_core.platform import Platform
 
 __all__ = ["converter", "dumps", "loads", "register", "structure", "unstructure"]
@@ -48,7 +48,9 @@ def register(
 
     Fields named in ``always`` are written even when they hold their default (``version``).
     """
-    overrides = {name: override(rename=wire) for name, wire in (renames or {}).items()}
+    overrides: dict[str, Any] = {
+        name: override(rename=wire) for name, wire in (renames or {}).items()
+    }
     for name in always:
         overrides[name] = override(rename=(renames or {}).get(name), omit_if_default=False)
     converter.register_structure_hook(
@@ -78,8 +80,9 @@ def _structure_platform(value: Any, _: Any) -> Platform:
 converter.register_structure_hook(Platform, _structure_platform)
 converter.register_unstructure_hook(
     Platform,
-    lambda p: {"architecture": p.architecture, "os": p.os}
-    | ({"variant": p.variant} if p.variant else {}),
+    lambda p: (
+        {"architecture": p.architecture, "os": p.os} | ({"variant": p.variant} if p.variant else {})
+    ),
 )
 
 _OCI_RENAMES: Final = {

@@ -18,13 +18,13 @@ from starlight_core.digest import EMPTY_SHA256, Digest
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "OPAQUE_MARKER",
+    "TOC",
     "TOC_VERSION",
     "WHITEOUT_PREFIX",
     "Chunk",
     "Entry",
     "EntryType",
     "LayerInfo",
-    "TOC",
 ]
 
 TOC_VERSION: Final = 1
