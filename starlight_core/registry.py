@@ -98,7 +98,8 @@ class Challenge:
 
 
 _TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_PARAM_VALUE_RE: Final = re.compile(r'\s*=\s*("(?:[^"\\]|\\.)*"|[!#$%&\'*+.^_`|~0-9A-Za-z-]*)')
+# Unquoted values should be RFC tokens, but realms like https://x/token go out unquoted too.
+_PARAM_VALUE_RE: Final = re.compile(r'\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,"]*)')
 
 
 def parse_challenges(values: Collection[str]) -> list[Challenge]:
