@@ -173,8 +173,10 @@ class CredentialStore:
             raise InvalidInput(f"invalid Docker config {path}: not JSON ({exc})") from exc
         if not isinstance(config, dict):
             raise InvalidInput(f"invalid Docker config {path}: not a JSON object")
-        auths = config.get("auths") or {}
-        helpers = config.get("credHelpers") or {}
+        auths = config.get("auths")
+        helpers = config.get("credHelpers")
+        auths = {} if auths is None else auths
+        helpers = {} if helpers is None else helpers
         store = config.get("credsStore")
         if not isinstance(auths, dict) or not isinstance(helpers, dict):
             raise InvalidInput(f"invalid Docker config {path}: auths/credHelpers must be objects")
