@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from benchmarks.services.registry import Registry
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -15,3 +18,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "e2e" in item.keywords:
             item.add_marker(skip)
+
+
+# --- the real registry (docker-registry), one per session ----------------------------------
+# Tests share it: each uses its own repository names (e.g. with a uuid) so they never collide.
+
+REGISTRY_USER = ("starlight", "s3cret-pass")
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """An anonymous docker-registry on a free loopback port (``.host``, ``.url``)."""
+    with Registry(tmp_path_factory.mktemp("registry")) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A docker-registry requiring Basic auth as ``REGISTRY_USER`` (``.htpasswd``)."""
+    with Registry(tmp_path_factory.mktemp("auth-registry"), htpasswd=REGISTRY_USER) as instance:
+        yield instance
