@@ -41,6 +41,7 @@ DEFAULT_LEVEL: Final = 6
 @attrs.frozen
 class WrittenLayer:
     toc: TOC
+    uncompressed_size: int
 
     @property
     def digest(self) -> Digest:
@@ -215,5 +216,6 @@ class LayerWriter:
             media_type=self._media_type,
         )
         self._result = WrittenLayer(
-            TOC(layer=info, entries=tuple(self._entries), chunk_size=self._chunk_size)
+            TOC(layer=info, entries=tuple(self._entries), chunk_size=self._chunk_size),
+            uncompressed_size=tar_size,
         )

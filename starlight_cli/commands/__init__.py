@@ -1,0 +1,1 @@
+"""One module per ``ctr-starlight`` command (or command group)."""

@@ -1,0 +1,33 @@
+"""``ctr-starlight``: the command line of starlight."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from starlight_cli import __version__
+from starlight_cli.commands.convert import convert
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Log debug messages to stderr.")
+@click.version_option(__version__, prog_name="ctr-starlight")
+def cli(debug: bool) -> None:
+    """Fast container provisioning: convert images, feed the proxy, pull through the daemon."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+
+
+cli.add_command(convert)
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"ctr-starlight {__version__}")
+
+
+def main() -> None:
+    cli(prog_name="ctr-starlight")
