@@ -1,0 +1,221 @@
+"""A private containerd (``/usr/bin/containerd``, 1.6) for tests and benchmarks.
+
+Everything containerd keeps lives under the given work directory: ``root/`` (content store,
+metadata, its own snapshotters), ``state/`` (task bundles, fifos), the gRPC socket
+``containerd.sock`` and the log ``containerd.log``. The CRI plugin is off (no kubelet here) and,
+given ``snapshotter_socket``, a ``[proxy_plugins.starlight]`` snapshot plugin points at it, so
+``ctr ... --snapshotter starlight`` goes through our snapshotter.
+
+What is shared with other containerd instances on the machine, and how we avoid clashes:
+runc's state (``/run/containerd/runc/<namespace>``), shim sockets (``/run/containerd/s/<hash of
+our address>``) and cgroups (``/<namespace>/<id>``) are keyed by namespace or address, so every
+instance gets its own random namespace (``.namespace``, passed by ``ctr()``).
+
+``stop()`` kills and deletes the tasks of that namespace (their shims exit with them), stops
+containerd, and unmounts whatever is still mounted below the work directory (task root
+filesystems). Images, containers and snapshots stay on disk until the directory is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Final
+
+from benchmarks.services import wait_for
+
+__all__ = ["CONTAINERD_BINARY", "CTR_BINARY", "Containerd"]
+
+CONTAINERD_BINARY: Final = "/usr/bin/containerd"
+CTR_BINARY: Final = "/usr/bin/ctr"
+SNAPSHOTTER_NAME: Final = "starlight"
+_START_TIMEOUT: Final = 60.0
+_STOP_TIMEOUT: Final = 20.0
+_CTR_TIMEOUT: Final = 300.0
+
+
+class Containerd:
+    """Launch containerd with its state under ``workdir``.
+
+    ``address`` is its gRPC socket; ``ctr(*args)`` runs ``ctr -a <address> -n <namespace>``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str,
+        *,
+        snapshotter_socket: str | None = None,
+        namespace: str | None = None,
+        binary: str = CONTAINERD_BINARY,
+        ctr_binary: str = CTR_BINARY,
+    ) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.snapshotter_socket = snapshotter_socket
+        self.namespace = namespace or f"starlight-{secrets.token_hex(4)}"
+        self.binary = binary
+        self.ctr_binary = ctr_binary
+        self.root = self.workdir / "root"
+        self.state = self.workdir / "state"
+        self.config_path = self.workdir / "config.toml"
+        self.log_path = self.workdir / "containerd.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return str(self.workdir / "containerd.sock")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        for tool in (self.binary, self.ctr_binary):
+            if not os.access(tool, os.X_OK):
+                raise FileNotFoundError(f"{tool} not found: apt-get install containerd")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config())
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            [self.binary, "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,  # a Ctrl-C in the test runner must not kill it mid-write
+        )
+        try:
+            wait_for(self._answers, timeout=_START_TIMEOUT, what=f"containerd at {self.address}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            self._process = process  # ctr() below needs the daemon up
+            try:
+                self._kill_tasks()
+            finally:
+                self._process = None
+            process.terminate()
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._unmount_leftovers()
+
+    def ctr(
+        self,
+        *args: str,
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = _CTR_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr`` against this containerd; with ``check``, a failure raises
+        ``CalledProcessError`` whose message includes ctr's stderr."""
+        command = [self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
+        result = subprocess.run(
+            command, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(
+                result.returncode,
+                command,
+                output=result.stdout,
+                stderr=f"{result.stderr}\n--- containerd log (tail) ---\n{self.log()[-3000:]}",
+            )
+        return result
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def config(self) -> str:
+        """containerd's config.toml (version 2) for this instance."""
+        lines = [
+            "version = 2",
+            f'root = "{self.root}"',
+            f'state = "{self.state}"',
+            "oom_score = 0",
+            # No kubelet: CRI would only add start-up work and CNI requirements.
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            "",
+            "[grpc]",
+            f'  address = "{self.address}"',
+            "",
+            "[ttrpc]",
+            f'  address = "{self.address}.ttrpc"',
+            "",
+            "[debug]",
+            '  level = "info"',
+            "",
+            "[metrics]",
+            '  address = ""',
+            "",
+            '[plugins."io.containerd.internal.v1.opt"]',
+            f'  path = "{self.workdir / "opt"}"',
+        ]
+        if self.snapshotter_socket is not None:
+            lines += [
+                "",
+                f"[proxy_plugins.{SNAPSHOTTER_NAME}]",
+                '  type = "snapshot"',
+                f'  address = "{self.snapshotter_socket}"',
+            ]
+        return "\n".join(lines) + "\n"
+
+    def __enter__(self) -> Containerd:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _answers(self) -> bool:
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError(f"containerd exited early; its log:\n{self.log()[-4000:]}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            try:
+                sock.connect(self.address)
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+        return self.ctr("version", check=False, timeout=20).returncode == 0
+
+    def _kill_tasks(self) -> None:
+        """Kill and delete this namespace's tasks so that their shims exit too."""
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            listed = self.ctr("tasks", "list", "-q", check=False, timeout=30)
+            for task in listed.stdout.split():
+                self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, check=False, timeout=30)
+                self.ctr("tasks", "delete", "-f", task, check=False, timeout=30)
+
+    def _unmount_leftovers(self) -> None:
+        prefix = str(self.workdir) + "/"
+        try:
+            with open("/proc/self/mountinfo") as mountinfo:
+                points = [line.split()[4] for line in mountinfo]
+        except OSError:
+            return
+        # Deepest first, so nested mounts go before their parents.
+        for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
