@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -699,3 +700,19 @@ def test_importing_the_core_does_not_import_httpx() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+async def test_concurrent_requests_share_one_token() -> None:
+    fake = FakeRegistry(auth="token")
+    digest = fake.add_blob("team/app", BLOB)
+    results: list[int | None] = []
+
+    async def head(client: RegistryClient) -> None:
+        results.append(await client.head_blob(REPO, digest))
+
+    async with client_for(fake, credentials={"registry.test": "alice:s3cret"}) as client:
+        async with anyio.create_task_group() as group:
+            for _ in range(10):
+                group.start_soon(head, client)
+        assert results == [len(BLOB)] * 10
+        assert client.token_requests == 1
