@@ -1,13 +1,13 @@
 """Serving gRPC services on a unix socket, from anyio code (grpclib needs asyncio underneath).
 
-``serve_unix`` is the building block (the daemon serves its control API with it too);
-``serve_snapshots`` serves one snapshotter where containerd's ``proxy_plugins`` entry points;
-``snapshots_server`` is the same as an async context manager, handy in tests; ``run`` is a
-blocking entry point (``python -m starlight_worker.snapshotter``).
+``listening`` (an async context manager) and ``serve_unix`` (a task) are the building blocks
+the daemon can use for its control API too; ``serve_snapshots`` / ``snapshots_server`` serve
+one snapshotter where containerd's ``proxy_plugins`` entry points; ``run`` is a blocking entry
+point (``python -m starlight_worker.snapshotter``).
 
-Each is a task that runs until cancelled and reports the socket path through ``task_status``,
-so ``await task_group.start(serve_snapshots, snapshotter, path)`` returns once the socket
-accepts connections.
+The tasks run until cancelled and report the socket path through ``task_status``, so
+``await task_group.start(serve_snapshots, snapshotter, path)`` returns once the socket accepts
+connections.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from grpclib.server import Server
 from starlight_worker.snapshotter.service import SnapshotsService
 from starlight_worker.snapshotter.snapshotter import Snapshotter
 
-__all__ = ["run", "serve_snapshots", "serve_unix", "snapshots_server"]
+__all__ = ["listening", "run", "serve_snapshots", "serve_unix", "snapshots_server"]
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +43,41 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
-async def serve_unix(
-    services: Collection[IServable],
-    path: str,
-    *,
-    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``services`` on the unix socket ``path`` (mode 0600) until cancelled."""
+@contextlib.asynccontextmanager
+async def listening(services: Collection[IServable], path: str) -> AsyncIterator[str]:
+    """Serve ``services`` on the unix socket ``path`` (mode 0600) inside the block; the socket
+    is removed afterwards. Errors while starting (path taken by a non-socket, bind failure)
+    are raised as they are."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _remove_stale_socket(path)
     server = Server(services)
     await server.start(path=path)
     try:
-        os.chmod(path, 0o600)  # only root (containerd) talks to us
+        os.chmod(path, 0o600)  # only root (containerd, the CLI) talks to us
         log.info("serving %s on %s", ", ".join(type(s).__name__ for s in services), path)
-        task_status.started(path)
-        await anyio.sleep_forever()
+        yield path
     finally:
         server.close()
         with anyio.CancelScope(shield=True):
             await server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+async def serve_unix(
+    services: Collection[IServable],
+    path: str,
+    *,
+    task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``services`` on the unix socket ``path`` until cancelled (a task)."""
+    async with listening(services, path):
+        task_status.started(path)
+        await anyio.sleep_forever()
+
+
+def _snapshot_services(snapshotter: Snapshotter) -> list[IServable]:
+    return [SnapshotsService(snapshotter), Health()]
 
 
 async def serve_snapshots(
@@ -74,19 +87,14 @@ async def serve_snapshots(
     task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the Snapshots service (and gRPC health) for ``snapshotter`` on ``path``."""
-    services: list[IServable] = [SnapshotsService(snapshotter), Health()]
-    await serve_unix(services, path, task_status=task_status)
+    await serve_unix(_snapshot_services(snapshotter), path, task_status=task_status)
 
 
-@contextlib.asynccontextmanager
-async def snapshots_server(snapshotter: Snapshotter, path: str) -> AsyncIterator[str]:
+def snapshots_server(
+    snapshotter: Snapshotter, path: str
+) -> contextlib.AbstractAsyncContextManager[str]:
     """``async with snapshots_server(s, path):`` — serving inside the block."""
-    async with anyio.create_task_group() as tg:
-        await tg.start(serve_snapshots, snapshotter, path)
-        try:
-            yield path
-        finally:
-            tg.cancel_scope.cancel()
+    return listening(_snapshot_services(snapshotter), path)
 
 
 def run(root: str, path: str) -> None:

@@ -221,6 +221,8 @@ class Snapshotter:
                 try:
                     snapshot = tx.create(kind, key, parent, labels, external=external)
                     top = snapshot.parents[0] if snapshot.parents else None
+                    # An external top layer may not be reachable yet (and is root-owned in
+                    # practice): the new root directory keeps our default owner, root.
                     if top is not None and not top.external:
                         fs = os.path.join(temporary, "fs")
                         self.dirs.chown_like(fs, self.dirs.fs(top.id))
@@ -233,10 +235,6 @@ class Snapshotter:
         snapshot = await anyio.to_thread.run_sync(run)
         if kind is Kind.COMMITTED:
             return []
-        if snapshot.parents and snapshot.parents[0].external:
-            top = await self._lower_dir(snapshot, 0)
-            fs = self.dirs.fs(snapshot.id)
-            await anyio.to_thread.run_sync(self.dirs.chown_like, fs, top)
         return await self._mounts(snapshot)
 
     async def _mounts(self, snapshot: Snapshot) -> list[Mount]:
