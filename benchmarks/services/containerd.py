@@ -12,8 +12,9 @@ our address>``) and cgroups (``/<namespace>/<id>``) are keyed by namespace or ad
 instance gets its own random namespace (``.namespace``, passed by ``ctr()``).
 
 ``stop()`` kills and deletes the tasks of that namespace (their shims exit with them), stops
-containerd, and unmounts whatever is still mounted below the work directory (task root
-filesystems). Images, containers and snapshots stay on disk until the directory is deleted.
+containerd, unmounts whatever is still mounted below the work directory (task root
+filesystems) and removes the namespace's empty runc state directory and parent cgroups.
+Images, containers and snapshots stay on disk until the work directory is deleted.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Containerd:
             self._log.close()
             self._log = None
         self._unmount_leftovers()
+        self._remove_namespace_leftovers()
 
     def ctr(
         self,
@@ -208,6 +210,16 @@ class Containerd:
             for task in listed.stdout.split():
                 self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, check=False, timeout=30)
                 self.ctr("tasks", "delete", "-f", task, check=False, timeout=30)
+
+    def _remove_namespace_leftovers(self) -> None:
+        """runc's state directory and the parent cgroups of our namespace, once empty (runc
+        removes each container's own cgroup, never the namespace's)."""
+        candidates = [Path("/run/containerd/runc") / self.namespace]
+        candidates += Path("/sys/fs/cgroup").glob(f"*/{self.namespace}")
+        candidates.append(Path("/sys/fs/cgroup") / self.namespace)
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
     def _unmount_leftovers(self) -> None:
         prefix = str(self.workdir) + "/"
