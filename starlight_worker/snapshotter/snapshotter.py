@@ -27,7 +27,13 @@ from typing import Protocol
 
 import anyio.to_thread
 
-from starlight_core.errors import AlreadyExists, FailedPrecondition, InvalidInput, StarlightError
+from starlight_core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidInput,
+    NotFound,
+    StarlightError,
+)
 from starlight_worker.snapshotter.filesystem import SnapshotDirectories, disk_usage
 from starlight_worker.snapshotter.filters import parse_all
 from starlight_worker.snapshotter.metastore import MetaStore, Snapshot
@@ -125,7 +131,7 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 stored = tx.get(key)
             if stored.info.kind is Kind.ACTIVE:
-                return disk_usage(self.dirs.fs(stored.id))
+                return self._measure(key, stored.id)
             return stored.usage
 
         return await anyio.to_thread.run_sync(run)
@@ -174,7 +180,7 @@ class Snapshotter:
             # sure the snapshot measured is still the one committed.
             usage = Usage()
             if stored.info.kind is Kind.ACTIVE:
-                usage = disk_usage(self.dirs.fs(stored.id))
+                usage = self._measure(key, stored.id)
             with self.store.transaction() as tx:
                 if tx.commit(key, name, usage, labels) != stored.id:
                     raise FailedPrecondition(f"snapshot {key!r} was replaced during Commit")
@@ -236,6 +242,13 @@ class Snapshotter:
         if kind is Kind.COMMITTED:
             return []
         return await self._mounts(snapshot)
+
+    def _measure(self, key: str, snapshot_id: int) -> Usage:
+        try:
+            return disk_usage(self.dirs.fs(snapshot_id))
+        except FileNotFoundError:
+            # Removed while we were about to measure it.
+            raise NotFound(f"snapshot {key!r} does not exist") from None
 
     async def _mounts(self, snapshot: Snapshot) -> list[Mount]:
         lowers = [await self._lower_dir(snapshot, i) for i in range(len(snapshot.parents))]

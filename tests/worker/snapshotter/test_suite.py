@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from starlight_worker.api import snapshots_pb2 as pb
 from starlight_worker.snapshotter import Snapshotter
@@ -478,3 +479,40 @@ async def test_state_survives_restart(root: Path) -> None:
         assert len(await second.walk()) == 3
     finally:
         second.close()
+
+
+async def test_concurrent_operations(client: Client, root: Path) -> None:
+    """Creations racing with removals (whose directory sweep must not take a half-made
+    snapshot's directory) and with each other on one key."""
+    import anyio
+
+    await client.prepare("base-a")
+    await client.commit("base", "base-a")
+    outcomes: list[str] = []
+
+    async def churn(i: int) -> None:
+        await client.prepare(f"c{i}", "base")
+        await client.remove(f"c{i}")
+        await client.view(f"v{i}", "base")
+
+    async def same_key() -> None:
+        try:
+            await client.prepare("contended", "base")
+            outcomes.append("created")
+        except GRPCError as exc:
+            outcomes.append(exc.status.name)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(12):
+            tg.start_soon(churn, i)
+            tg.start_soon(same_key)
+
+    assert sorted(outcomes) == ["ALREADY_EXISTS"] * 11 + ["created"]
+    infos = await client.walk()
+    assert {i.name for i in infos} == {"base", "contended"} | {f"v{i}" for i in range(12)}
+    # Every stored snapshot still has its directory, and nothing else is left.
+    assert len(os.listdir(root / "snapshots")) == len(infos)
+    for key in ["contended", *(f"v{i}" for i in range(12))]:
+        for m in await client.mounts(key):
+            source = m.source if m.type == "bind" else m.options[-2].removeprefix("upperdir=")
+            assert os.path.isdir(source)
