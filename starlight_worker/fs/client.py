@@ -6,6 +6,7 @@ connection costs nothing but that one call; the server never depends on a client
 
 from __future__ import annotations
 
+import builtins
 import functools
 import os
 import socket
@@ -83,8 +84,8 @@ class FsClient:
         """Tell waiting readers that these files' contents are in place."""
         return int(self.request(Request("arrived", layer_key, names=tuple(names)))["woken"])
 
-    def list(self) -> list[AttachedLayerInfo]:
-        return wire.structure(self.request(Request("list")), list[AttachedLayerInfo])
+    def list(self) -> builtins.list[AttachedLayerInfo]:
+        return wire.structure(self.request(Request("list")), builtins.list[AttachedLayerInfo])
 
     def trace_on(self) -> None:
         self.request(Request("trace_on"))
@@ -92,8 +93,8 @@ class FsClient:
     def trace_off(self) -> None:
         self.request(Request("trace_off"))
 
-    def trace_drain(self) -> list[Access]:
-        return wire.structure(self.request(Request("trace_drain")), list[Access])
+    def trace_drain(self) -> builtins.list[Access]:
+        return wire.structure(self.request(Request("trace_drain")), builtins.list[Access])
 
     def shutdown(self) -> None:
         """Unmount and stop the server; ``FailedPrecondition`` while the mount is in use."""
@@ -124,7 +125,7 @@ class AsyncFsClient:
     async def arrived(self, layer_key: str, names: Iterable[str]) -> int:
         return await self._run(self.sync.arrived, layer_key, tuple(names))
 
-    async def list(self) -> list[AttachedLayerInfo]:
+    async def list(self) -> builtins.list[AttachedLayerInfo]:
         return await self._run(self.sync.list)
 
     async def trace_on(self) -> None:
@@ -133,7 +134,7 @@ class AsyncFsClient:
     async def trace_off(self) -> None:
         await self._run(self.sync.trace_off)
 
-    async def trace_drain(self) -> list[Access]:
+    async def trace_drain(self) -> builtins.list[Access]:
         return await self._run(self.sync.trace_drain)
 
     async def shutdown(self) -> None:

@@ -141,9 +141,7 @@ class LayerFilesystem:
                 except OSError:
                     return now
 
-            tree = LayerTree.build(
-                toc, first_ino=self._next_ino, implied_mtime_ns=implied_mtime_ns
-            )
+            tree = LayerTree.build(toc, first_ino=self._next_ino, implied_mtime_ns=implied_mtime_ns)
             for warning in tree.warnings:
                 log.warning("layer %s: TOC entry %s", layer_key, warning)
             self._next_ino = tree.next_ino
@@ -185,6 +183,9 @@ class LayerFilesystem:
             for layer in list(self._layers.values())
         ]
 
+    def open_files(self) -> int:
+        return len(self._handles)
+
     def waiting(self) -> int:
         """Files that readers are waiting for right now."""
         return self._arrivals.waiting()
@@ -192,7 +193,7 @@ class LayerFilesystem:
     def stop(self) -> None:
         """Fail every waiting reader now (the server is going away)."""
         self._stopping = True
-        self._arrivals.wake_range(range(0, 2**64))
+        self._arrivals.wake_range(range(2**64))
 
     def _root_changed(self, layer_key: str) -> None:
         self._root_mtime_ns = time.time_ns()
@@ -264,8 +265,14 @@ class LayerFilesystem:
             raise OSError(errno.EROFS, "read-only file system")
         if self.tracer.enabled:
             self.tracer.record(layer.key, layer.attached_ns, name, "open")
-        # Opening never waits: a process may open and never read, or read only later.
-        fd = self._probe(layer, node) if node.size > 0 else None
+        # Opening never waits (a process may open and never read, or read only later) and
+        # never fails on content: the read that needs it reports a problem.
+        fd = None
+        if node.size > 0:
+            try:
+                fd = self._probe(layer, node)
+            except OSError:
+                fd = None
         fh = next(self._fh)
         self._handles[fh] = _Handle(layer, node, name, fd)
         return fh
@@ -296,7 +303,7 @@ class LayerFilesystem:
             os.close(handle.fd)
 
     def readdir(self, path: str, fh: int) -> Iterator[str | tuple[str, dict[str, int], int]]:
-        layer, node, _ = self._lookup(path)
+        _, node, _ = self._lookup(path)
         if node is None:
             yield (".", {"st_ino": _ROOT_INO, "st_mode": stat.S_IFDIR | 0o755}, 0)
             yield ".."

@@ -35,8 +35,9 @@ MOUNT_OPTIONS: Final[dict[str, bool | int | str]] = {
     "negative_timeout": _DAY,
     "max_read": 1024 * 1024,
     "max_readahead": 1024 * 1024,
-    # Synchronous reads: a read waiting for a missing file occupies its reader only, never
-    # one of the kernel's few background slots that every other file's readahead needs.
+    # Synchronous reads: a read waiting for a missing file occupies its reader only, never one
+    # of the kernel's shared background slots (12); with those taken, every other file's
+    # readahead would drop to page-sized requests.
     "sync_read": True,
     "fsname": "starlight",
     "subtype": "starlight",

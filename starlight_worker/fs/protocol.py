@@ -28,8 +28,8 @@ A connection may carry any number of requests, answered in order. Ops:
 ``trace_drain``
     → ``[Access, ...]``: the first accesses recorded since the last drain, then forgotten.
 ``shutdown``
-    → ``{}``, then the server unmounts and exits; ``failed_precondition`` if the mount is busy
-    (an overlay or an open file still uses it).
+    → ``{}``, then the server unmounts and exits; ``failed_precondition`` while any layer is
+    attached or any file open (detach layers once their overlays are unmounted).
 """
 
 from __future__ import annotations

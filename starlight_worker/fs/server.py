@@ -22,6 +22,7 @@ A lock file next to the socket makes a second server for the same socket exit at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import logging
 import os
@@ -100,6 +101,15 @@ class _Control:
         if op == "trace_drain":
             return self.fs.tracer.drain()
         if op == "shutdown":
+            # umount alone cannot tell: overlayfs holds private clones of its lower mounts, so
+            # the mount unmounts fine while containers still read through it. Our own
+            # bookkeeping can: a layer still attached may still be in use.
+            attached, handles = len(self.fs.layers()), self.fs.open_files()
+            if attached or handles:
+                raise FailedPrecondition(
+                    f"{attached} layers attached, {handles} files open",
+                    hint="detach every layer (after unmounting its overlays) first",
+                )
             why = unmount(self.config.mountpoint)
             if why is not None:
                 raise FailedPrecondition(
@@ -177,11 +187,9 @@ def run(config: ServerConfig) -> int:
     config.mountpoint.mkdir(parents=True, exist_ok=True)
 
     stop = threading.Event()
-    signalled = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)
-        signalled.set()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -230,12 +238,16 @@ def run(config: ServerConfig) -> int:
         server.server_close()
         _unlink_quietly(config.socket)
         fs.stop()
-        if fuse_thread.is_alive():
+        if fuse_thread.is_alive() and os.path.ismount(config.mountpoint):
             why = unmount(config.mountpoint)
-            if why is not None and signalled.is_set():
+            if why is not None:
                 log.warning("%s is busy (%s); detaching it lazily", config.mountpoint, why)
                 unmount(config.mountpoint, lazy=True)
-            fuse_thread.join(timeout=10)
+        # The loop ends once the kernel drops the connection, which waits for every user of
+        # the filesystem, overlayfs' private clones of the mount included.
+        fuse_thread.join(timeout=10)
+        if fuse_thread.is_alive():
+            log.warning("the FUSE connection is still in use; exiting breaks its users")
     if failure:
         log.error("FUSE loop failed: %s", failure[0])
         return 1
@@ -243,10 +255,8 @@ def run(config: ServerConfig) -> int:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _parse(argv: Sequence[str] | None) -> ServerConfig:
@@ -287,4 +297,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     # fusepy logs every errno reply (ENOENT, ENODATA…) at debug level: keep that quiet.
     logging.getLogger("fuse").setLevel(max(logging.INFO, logging.getLogger().level))
     return run(config)
-

@@ -39,11 +39,14 @@ def running_server(root: Path, *, timeout: float = 60.0, poll: float = 0.2) -> I
     try:
         yield server
     finally:
+        pid: int | None
         try:
             pid = client.ping().pid
         except Exception:
             pid = None
         try:
+            for info in client.list():
+                client.detach(info.layer_key)
             client.shutdown()
         except Exception:
             if pid is not None:

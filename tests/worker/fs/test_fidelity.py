@@ -147,24 +147,32 @@ def test_overlay_over_fuse_layers_equals_overlay_over_unpacked_layers(
     assert our_links == their_links
 
     # And the view is the one the layers describe, not merely the same wrong one twice.
-    assert b"gone.txt" not in ours and b"todelete" not in ours
-    assert b"data/a.txt" not in ours and b"never-existed" not in ours
+    assert b"gone.txt" not in ours
+    assert b"todelete" not in ours
+    assert b"data/a.txt" not in ours
+    assert b"never-existed" not in ours
     assert sorted(n for n in ours if n.startswith(b"opq/")) == [b"opq/z"]
-    assert ours[b"opq"].mode == 0o700 and (ours[b"opq"].uid, ours[b"opq"].gid) == (7, 8)
+    assert ours[b"opq"].mode == 0o700
+    assert (ours[b"opq"].uid, ours[b"opq"].gid) == (7, 8)
     assert ours[b"old.txt"].size == len(b"new content, replaced")
-    assert ours[b"data/b.txt"].kind == "symlink" and ours[b"data/b.txt"].target == b"a.txt"
+    assert ours[b"data/b.txt"].kind == "symlink"
+    assert ours[b"data/b.txt"].target == b"a.txt"
     assert ours[b"data/sub"].kind == "file"
     assert ours[b"bin/su"].mode == 0o4755
     assert dict(ours[b"bin/ping"].xattrs)["security.capability"] == CAP_NET_RAW
     assert dict(ours[b"etc/passwd"].xattrs) == {}  # the top layer's passwd has no xattrs
-    assert ours[b"dev/null"].kind == "char" and ours[b"dev/null"].rdev == os.makedev(1, 3)
-    assert ours[b"dev/sda"].kind == "block" and ours[b"run/fifo"].kind == "fifo"
+    assert ours[b"dev/null"].kind == "char"
+    assert ours[b"dev/null"].rdev == os.makedev(1, 3)
+    assert ours[b"dev/sda"].kind == "block"
+    assert ours[b"run/fifo"].kind == "fifo"
     assert ours[b"var/tmp"].mode == 0o1777
     # The top layer's tmp/.hidden implies a 0755 tmp, and overlayfs takes the top layer's.
     assert ours[b"tmp"].mode == 0o755
-    assert ours[b"empty"].size == 0 and ours[b"empty"].mtime_ns == T + 13
+    assert ours[b"empty"].size == 0
+    assert ours[b"empty"].mtime_ns == T + 13
     assert ours[b"usr/lib/libx.so.1"].mtime_ns == T + 6
-    assert ours[b"caf\xe9"].kind == "file" and ours["naïve.txt".encode()].kind == "file"
+    assert ours[b"caf\xe9"].kind == "file"
+    assert ours["naïve.txt".encode()].kind == "file"
     assert ours[b"dup"].size == len(b"second wins")
     assert frozenset({b"newdir/f", b"newdir/g", b"x/h"}) in our_links
     assert frozenset({b"bin/sh", b"usr/bin/sh"}) in our_links
@@ -176,7 +184,8 @@ def test_fuse_layer_presents_whiteouts_and_opaque_dirs_as_overlayfs_expects(
 ) -> None:
     middle = attached["middle"]
     st = os.lstat(middle / "gone.txt")
-    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert stat.S_ISCHR(st.st_mode)
+    assert st.st_rdev == 0
     assert not os.path.lexists(middle / ".wh.gone.txt")
     assert os.getxattr(middle / "opq", "trusted.overlay.opaque") == b"y"
     assert ".wh..wh..opq" not in os.listdir(middle / "opq")
