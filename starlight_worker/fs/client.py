@@ -194,8 +194,8 @@ def ensure_running(
         if _check(client, mountpoint):
             return client
         code = process.poll()
-        # Exit 3: another server won the race for this socket; wait for it to answer.
-        if code is not None and code != 3:
+        # Another server won the race for this socket: wait for that one to answer.
+        if code is not None and code != protocol.EXIT_ALREADY_RUNNING:
             raise DaemonUnavailable(
                 f"layer filesystem server exited with status {code}: {_tail(log_file)}",
                 hint=f"see {log_file}",

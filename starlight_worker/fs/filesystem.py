@@ -183,6 +183,9 @@ class LayerFilesystem:
             for layer in list(self._layers.values())
         ]
 
+    def layer_count(self) -> int:
+        return len(self._layers)
+
     def open_files(self) -> int:
         return len(self._handles)
 

@@ -42,6 +42,7 @@ import attrs
 from starlight_core import errors, wire
 
 __all__ = [
+    "EXIT_ALREADY_RUNNING",
     "MAX_LINE",
     "OPS",
     "Access",
@@ -55,6 +56,9 @@ __all__ = [
     "encode_result",
     "error_class",
 ]
+
+EXIT_ALREADY_RUNNING: Final = 3
+"""The server's exit status when another server already owns its socket."""
 
 MAX_LINE: Final = 64 * 1024 * 1024
 """Longest line either side accepts (an ``arrived`` for a whole layer can be long)."""

@@ -1,6 +1,6 @@
 """``fused``: the layer filesystem server process.
 
-``python -m starlight_worker.fs --socket PATH --mountpoint DIR [--timeout S]``
+``python -m starlight_worker.fs --socket PATH --mountpoint DIR [--timeout S] [--poll S]``
 
 One FUSE mount at DIR presents every attached layer read-only at ``DIR/<layer_key>``, in the
 form overlayfs expects of a lower directory; a control server on the unix socket PATH takes
@@ -43,12 +43,12 @@ from starlight_worker.fs import protocol
 from starlight_worker.fs.filesystem import LayerFilesystem
 from starlight_worker.fs.mount import serve
 from starlight_worker.fs.mountpoint import is_dead_mount, unmount
+from starlight_worker.fs.protocol import EXIT_ALREADY_RUNNING
 
 __all__ = ["EXIT_ALREADY_RUNNING", "ServerConfig", "main", "run"]
 
 log = logging.getLogger("starlight_worker.fs")
 
-EXIT_ALREADY_RUNNING: Final = 3
 EXIT_MOUNT_FAILED: Final = 4
 
 
@@ -79,7 +79,7 @@ class _Control:
                 pid=os.getpid(),
                 mountpoint=str(self.config.mountpoint),
                 version=__version__,
-                layers=len(self.fs.layers()),
+                layers=self.fs.layer_count(),
                 waiting=self.fs.waiting(),
             )
         if op == "attach":
@@ -104,7 +104,7 @@ class _Control:
             # umount alone cannot tell: overlayfs holds private clones of its lower mounts, so
             # the mount unmounts fine while containers still read through it. Our own
             # bookkeeping can: a layer still attached may still be in use.
-            attached, handles = len(self.fs.layers()), self.fs.open_files()
+            attached, handles = self.fs.layer_count(), self.fs.open_files()
             if attached or handles:
                 raise FailedPrecondition(
                     f"{attached} layers attached, {handles} files open",

@@ -56,6 +56,11 @@ def running_server(root: Path, *, timeout: float = 60.0, poll: float = 0.2) -> I
             unmount(mountpoint, lazy=True)
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the daemon runs anyio on asyncio
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running_server(tmp_path_factory.mktemp("fused")) as running:

@@ -17,7 +17,7 @@ import pytest
 from benchmarks.services import wait_for
 from starlight_core.errors import AlreadyExists, FailedPrecondition, InvalidInput, NotFound
 from starlight_core.layer.toc import Entry, EntryType
-from starlight_worker.fs import ensure_running
+from starlight_worker.fs import AsyncFsClient, ensure_running
 from starlight_worker.fs.mountpoint import is_dead_mount
 from tests.worker.fs.conftest import Server, running_server
 from tests.worker.fs.layers import Layer, overlay, place, write_layer_dir
@@ -34,7 +34,7 @@ LAYER = Layer.of(
 # A daemon that attaches, then dies with a request half sent.
 DAEMON = """
 import socket, sys, time
-from starlight_worker.fs import ensure_running
+from starlight_worker.fs import AsyncFsClient, ensure_running
 client = ensure_running(sys.argv[1], sys.argv[2])
 print(client.ping().pid, client.attach("restart", sys.argv[3]), flush=True)
 sock = socket.socket(socket.AF_UNIX)
@@ -82,6 +82,44 @@ def test_daemon_dying_mid_request_does_not_disturb_the_server(
     client.arrived("restart", ["late"])
     reader.join(BOUND)
     assert waiting == [b"late content"]
+
+
+STARTER = """
+import sys, time
+from starlight_worker.fs import ensure_running
+print(ensure_running(sys.argv[1], sys.argv[2]).ping().pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_server_started_by_a_daemon_outlives_the_daemon(tmp_path: Path) -> None:
+    socket_path, mountpoint = tmp_path / "srv" / "fs.sock", tmp_path / "srv" / "mnt"
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(socket_path), str(mountpoint)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert daemon.stdout is not None
+    pid = int(daemon.stdout.readline())
+    os.killpg(daemon.pid, signal.SIGKILL)  # the daemon and everything in its process group
+    daemon.wait()
+    daemon.stdout.close()
+    with running_server(tmp_path / "srv") as server:
+        assert server.client.ping().pid == pid
+        root = server.client.attach("outlived", write_layer_dir(LAYER, tmp_path / "layer"))
+        assert (root / "present").read_bytes() == LAYER.contents["present"]
+
+
+@pytest.mark.anyio
+async def test_async_client(server: Server, tmp_path: Path) -> None:
+    client = AsyncFsClient(server.socket)
+    layer_dir = write_layer_dir(LAYER, tmp_path / "layer", withhold=["late"])
+    assert await client.attach("async", layer_dir) == server.mountpoint / "async"
+    assert "async" in [info.layer_key for info in await client.list()]
+    assert (await client.ping()).pid == server.client.ping().pid
+    assert await client.arrived("async", ["late"]) == 0  # nobody waits for it
+    assert await client.detach("async") is True
 
 
 def test_attach_checks_its_arguments(server: Server, tmp_path: Path) -> None:
