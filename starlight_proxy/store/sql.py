@@ -255,6 +255,21 @@ class SQLMetadataStore:
             tags[image_id].append(tag)
         return [self._image(row, tags[row[0]]) for row in rows]
 
+    @staticmethod
+    async def _lock_image(tx: Transaction, image_id: int) -> None:
+        """Check that the image exists and hold its row until the transaction ends.
+
+        Writers of what hangs off an image (ranks, traces, tags) then run one at a time per
+        image, and a concurrent delete waits: on PostgreSQL a delete-then-insert under READ
+        COMMITTED would otherwise interleave with another and mix two rankings. (A no-op
+        UPDATE, because SQLite has no SELECT ... FOR UPDATE; there all writers are serial.)
+        """
+        row = await tx.fetchone(
+            "UPDATE images SET state = state WHERE id = ? RETURNING id", (image_id,)
+        )
+        if row is None:
+            raise ImageNotFound(f"no image with id {image_id} in the metadata store")
+
     async def _image_by_id(self, tx: Transaction, image_id: int) -> ImageRecord:
         row = await tx.fetchone(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (image_id,))
         if row is None:
@@ -459,6 +474,7 @@ class SQLMetadataStore:
         _check_id(image_id)
         _check_tag(tag)
         async with self._driver.transaction(write=True) as tx:
+            await self._lock_image(tx, image_id)
             image = await self._image_by_id(tx, image_id)
             if not image.ready:
                 raise FailedPrecondition(
@@ -668,8 +684,7 @@ class SQLMetadataStore:
                 raise InvalidInput(f"rank of {path!r} must be a finite number, not {rank!r}")
             rows.append((image_id, group, encode_text(path), float(rank)))
         async with self._driver.transaction(write=True) as tx:
-            if await tx.fetchone("SELECT id FROM images WHERE id = ?", (image_id,)) is None:
-                raise ImageNotFound(f"no image with id {image_id} in the metadata store")
+            await self._lock_image(tx, image_id)
             await tx.execute("DELETE FROM ranks WHERE image_id = ? AND grp = ?", (image_id, group))
             await tx.insert_many("ranks", ("image_id", "grp", "name", "rank"), rows)
 
@@ -700,8 +715,7 @@ class SQLMetadataStore:
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise InvalidInput("a trace payload must be bytes")
         async with self._driver.transaction(write=True) as tx:
-            if await tx.fetchone("SELECT id FROM images WHERE id = ?", (image_id,)) is None:
-                raise ImageNotFound(f"no image with id {image_id} in the metadata store")
+            await self._lock_image(tx, image_id)
             row = await tx.fetchone(
                 "INSERT INTO traces (trace_id, image_id, grp, payload, received_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING RETURNING trace_id",
