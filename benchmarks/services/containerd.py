@@ -124,10 +124,14 @@ class Containerd:
         check: bool = True,
         input: str | None = None,
         timeout: float = _CTR_TIMEOUT,
+        binary: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``ctr`` against this containerd; with ``check``, a failure raises
-        ``CalledProcessError`` whose message includes ctr's stderr."""
-        command = [self.ctr_binary, "-a", self.address, "-n", self.namespace, *args]
+        ``CalledProcessError`` whose message includes ctr's stderr. ``binary`` runs a
+        ctr-compatible client instead (e.g. ``ctr-remote``, whose ``images rpull`` pulls
+        through containerd's unpacker and so through the remote-snapshot protocol)."""
+        tool = binary if binary is not None else self.ctr_binary
+        command = [tool, "-a", self.address, "-n", self.namespace, *args]
         result = subprocess.run(
             command, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )

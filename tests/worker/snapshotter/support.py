@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import anyio.from_thread
 import pytest
 from google.protobuf import field_mask_pb2
 from grpclib.const import Status
@@ -18,6 +19,7 @@ from grpclib.exceptions import GRPCError
 
 from starlight_worker.api import mount_pb2, snapshots_grpc
 from starlight_worker.api import snapshots_pb2 as pb
+from starlight_worker.snapshotter import Snapshotter, snapshots_server
 
 # containerd's testsuite puts this label on everything so its GC keeps the snapshots.
 GC_ROOT = {"containerd.io/gc.root": "2024-01-01T00:00:00Z"}
@@ -145,3 +147,16 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
                 detail = ("other", stat.S_IFMT(st.st_mode), st.st_rdev)
             result[rel] = (detail, mode, st.st_uid, st.st_gid)
     return result
+
+
+@contextlib.contextmanager
+def served_in_thread(
+    snapshotter: Snapshotter, path: str
+) -> Iterator[anyio.from_thread.BlockingPortal]:
+    """Serve ``snapshotter`` on ``path`` from an asyncio loop in a background thread, for
+    synchronous tests driving a real containerd; its hooks run in that loop."""
+    with (
+        anyio.from_thread.start_blocking_portal(backend="asyncio") as portal,
+        portal.wrap_async_context_manager(snapshots_server(snapshotter, path)),
+    ):
+        yield portal
