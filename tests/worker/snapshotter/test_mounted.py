@@ -127,20 +127,14 @@ async def test_basic_contents(client: Client, tmp_path: Path) -> None:
     await client.remove("committed")
 
 
-async def test_deleted_files_in_child_snapshot(client: Client, tmp_path: Path) -> None:
-    await check_snapshots(
-        client,
-        tmp_path,
+# containerd's layered scenarios: each is a list of layers, each layer a change to apply.
+SCENARIOS: dict[str, list[Applier]] = {
+    "deleted files in child snapshot": [
         apply_all(write("foo", b"foo\n", 0o777), write("foobar", b"foobar\n", 0o777)),
         remove_all("foobar"),
         apply_all(),
-    )
-
-
-async def test_move_file_from_lower_layer(client: Client, tmp_path: Path) -> None:
-    await check_snapshots(
-        client,
-        tmp_path,
+    ],
+    "move file from lower layer": [
         apply_all(
             mkdir("dir1", 0o700),
             write("dir1/f1", b"Hello", 0o644),
@@ -154,13 +148,8 @@ async def test_move_file_from_lower_layer(client: Client, tmp_path: Path) -> Non
             link("dir2/f2", "dir3/f2"),
             remove_all("dir2/f2"),
         ),
-    )
-
-
-async def test_layer_file_update(client: Client, tmp_path: Path) -> None:
-    await check_snapshots(
-        client,
-        tmp_path,
+    ],
+    "layer file update": [
         apply_all(
             mkdir("etc", 0o755),
             write("etc/hosts", b"mydomain 10.0.0.1", 0o644),
@@ -174,13 +163,8 @@ async def test_layer_file_update(client: Client, tmp_path: Path) -> None:
             symlink("hosts", "etc/profile.link"),
         ),
         apply_all(write("etc/hosts", b"mydomain 10.0.0.3", 0o600)),
-    )
-
-
-async def test_remove_directory_in_lower_layer(client: Client, tmp_path: Path) -> None:
-    await check_snapshots(
-        client,
-        tmp_path,
+    ],
+    "remove directory in lower layer": [
         apply_all(
             mkdir("lib", 0o700),
             write("lib/hidden", b"", 0o644),
@@ -189,13 +173,8 @@ async def test_remove_directory_in_lower_layer(client: Client, tmp_path: Path) -
         ),
         apply_all(remove_all("lib"), mkdir("lib", 0o755), write("lib/new", b"y", 0o644)),
         apply_all(remove_all("lib/new")),
-    )
-
-
-async def test_chown_and_permissions(client: Client, tmp_path: Path) -> None:
-    await check_snapshots(
-        client,
-        tmp_path,
+    ],
+    "chown and permissions": [
         apply_all(
             mkdir("opt", 0o711),
             write("opt/a", b"a", 0o640),
@@ -208,7 +187,13 @@ async def test_chown_and_permissions(client: Client, tmp_path: Path) -> None:
             chown("home/user", 1000, 1000),
             chmod("home/user", 0o750),
         ),
-    )
+    ],
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+async def test_layered_changes(client: Client, tmp_path: Path, scenario: str) -> None:
+    await check_snapshots(client, tmp_path, *SCENARIOS[scenario])
 
 
 async def test_many_layers_top_layer_wins(client: Client, tmp_path: Path) -> None:
@@ -239,21 +224,21 @@ async def test_many_layers_top_layer_wins(client: Client, tmp_path: Path) -> Non
         assert sorted(os.listdir(target / "ONLYME")) == ["file-11"]
 
 
+def assert_read_only(target: Path) -> None:
+    with pytest.raises(OSError) as caught:
+        (target / "testfile").write_text("testcontent")
+    assert caught.value.errno == errno.EROFS
+
+
 async def test_view_is_read_only(client: Client, tmp_path: Path) -> None:
     await client.prepare("preparing")
     await client.commit("committed", "preparing")
-    for key, parent in (("view-1", "committed"), ("view-0", "")):
-        with mounted(await client.view(key, parent), tmp_path / key) as target:
-            with pytest.raises(OSError) as caught:
-                (target / "testfile").write_text("testcontent")
-            assert caught.value.errno == errno.EROFS
-    # A view of several layers is a lower-only overlay: read-only as well.
     await client.prepare("p2", "committed")
     await client.commit("c2", "p2")
-    with mounted(await client.view("view-2", "c2"), tmp_path / "view-2") as target:
-        with pytest.raises(OSError) as caught:
-            (target / "testfile").write_text("testcontent")
-        assert caught.value.errno == errno.EROFS
+    # No parent and one parent: read-only binds; two: a lower-only (read-only) overlay.
+    for key, parent in (("view-0", ""), ("view-1", "committed"), ("view-2", "c2")):
+        with mounted(await client.view(key, parent), tmp_path / key) as target:
+            assert_read_only(target)
 
 
 async def test_usage_counts_the_upper_layer_only(client: Client, tmp_path: Path) -> None:
