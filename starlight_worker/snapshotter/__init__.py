@@ -17,6 +17,7 @@ from starlight_worker.snapshotter.model import (
     Usage,
 )
 from starlight_worker.snapshotter.server import (
+    listening,
     run,
     serve_snapshots,
     serve_unix,
@@ -41,6 +42,7 @@ __all__ = [
     "SnapshotsService",
     "Snapshotter",
     "Usage",
+    "listening",
     "run",
     "serve_snapshots",
     "serve_unix",

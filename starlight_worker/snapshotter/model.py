@@ -45,7 +45,7 @@ class Kind(enum.IntEnum):
         return self.name.lower()
 
 
-def _frozen_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
+def _copied_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
     return dict(labels)
 
 
@@ -57,7 +57,7 @@ class SnapshotInfo:
     name: str
     kind: Kind
     parent: str = ""
-    labels: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_labels)
+    labels: Mapping[str, str] = attrs.field(factory=dict, converter=_copied_labels)
     created_ns: int = 0
     updated_ns: int = 0
 
