@@ -33,6 +33,8 @@ _MARKER_PREFIX: Final = b"starlight/1;chunk="
 _FEXTRA: Final = 0x04
 _OS_UNKNOWN: Final = 255
 MAX_OUTPUT_STEP: Final = 1 << 20  # bound what one decompress call may allocate
+_FIRST_STEP: Final = 4096
+_MAX_STEP: Final = 1 << 20
 
 
 def marker_payload(chunk_size: int) -> bytes:
@@ -135,7 +137,8 @@ class MemberDecoder:
         self._uncompressed = 0
         self._member_compressed_start = 0
         self._ended = False
-        self._tail = b""  # bytes of a member header split across feeds
+        self._tail = b""  # a lone first byte of the next member's magic
+        self._step = _FIRST_STEP
 
     @property
     def uncompressed_size(self) -> int:
@@ -156,42 +159,54 @@ class MemberDecoder:
                     f"truncated gzip stream: input ends inside a member at byte {self._compressed}"
                 )
             return events
-        data = self._tail + data
+        view = memoryview(self._tail + data)
         self._tail = b""
-        while data:
+        pos = 0
+        while pos < len(view):
             if self._decompressor is None:
-                if len(data) < 2:
-                    self._tail = data
+                if len(view) - pos < 2:
+                    self._tail = bytes(view[pos:])
                     break
-                if data[:2] != GZIP_MAGIC:
+                if view[pos : pos + 2] != GZIP_MAGIC:
                     raise CorruptLayer(
                         "not a gzip stream: unexpected bytes at compressed offset "
                         f"{self._compressed}"
                     )
                 self._decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self._member_compressed_start = self._compressed
+                self._step = _FIRST_STEP
                 events.append(MemberStart(self._compressed, self._uncompressed))
             decompressor = self._decompressor
+            # Hand zlib a bounded slice: what it does not use comes back as a copy
+            # (unused_data), so slices that grow only for long members keep the work linear.
+            piece = view[pos : pos + self._step]
             try:
-                out = decompressor.decompress(data, MAX_OUTPUT_STEP)
-                while out:
-                    self._uncompressed += len(out)
-                    events.append(Uncompressed(out))
-                    if not decompressor.unconsumed_tail:
+                out = decompressor.decompress(piece, MAX_OUTPUT_STEP)
+                while True:
+                    if out:
+                        self._uncompressed += len(out)
+                        events.append(Uncompressed(out))
+                    if decompressor.eof:
                         break
-                    out = decompressor.decompress(decompressor.unconsumed_tail, MAX_OUTPUT_STEP)
+                    if decompressor.unconsumed_tail:
+                        out = decompressor.decompress(decompressor.unconsumed_tail, MAX_OUTPUT_STEP)
+                    elif len(out) == MAX_OUTPUT_STEP:
+                        out = decompressor.decompress(b"", MAX_OUTPUT_STEP)  # pending output
+                    else:
+                        break
             except zlib.error as exc:
                 raise CorruptLayer(
                     f"corrupt gzip stream in the member at compressed offset "
                     f"{self._member_compressed_start}: {exc}"
                 ) from None
             if decompressor.eof:
-                rest = decompressor.unused_data
-                self._compressed += len(data) - len(rest)
-                data = rest
+                used = len(piece) - len(decompressor.unused_data)
+                pos += used
+                self._compressed += used
                 self._decompressor = None
                 events.append(MemberEnd(self._compressed, self._uncompressed))
             else:
-                self._compressed += len(data)
-                data = b""
+                pos += len(piece)
+                self._compressed += len(piece)
+                self._step = min(self._step * 2, _MAX_STEP)
         return events
