@@ -40,7 +40,7 @@ import attrs
 from starlight_core.digest import Digest
 from starlight_core.errors import CorruptLayer
 from starlight_core.fsview import merge
-from starlight_core.layer.toc import TOC, Chunk, Entry
+from starlight_core.layer.toc import TOC, Chunk, Entry, EntryType
 
 __all__ = [
     "DEFAULT_MAX_GAP",
@@ -62,6 +62,11 @@ DEFAULT_MAX_RANGE: Final = 16 * 1024 * 1024
 _RANKED: Final = 0
 _VISIBLE: Final = 1
 _HIDDEN: Final = 2
+_SHIFT: Final = 32
+_GROUP: Final = 62
+_INDEX_MASK: Final = (1 << _SHIFT) - 1
+_LAYER_MASK: Final = (1 << (_GROUP - _SHIFT)) - 1
+_LAST: Final = 1 << 64
 
 
 def _tocs(layers: Iterable[TOC]) -> tuple[TOC, ...]:
@@ -158,46 +163,55 @@ def plan(
     held = frozenset(have)
     layers, per_target = _unique_layers(targets)
 
-    # content -> (sort key, plan layer index, entry providing the chunks)
-    best: dict[Digest, tuple[tuple[int, float, int, int], int, Entry]] = {}
-
-    def offer(content: Digest, key: tuple[int, float, int, int], layer: int, e: Entry) -> None:
-        current = best.get(content)
-        if current is None or key < current[0]:
-            best[content] = (key, layer, e)
-
+    # A position is ``layer << _SHIFT | index in layer``: one int ordering by layer, then tar
+    # order. Unranked contents get ``group << _GROUP | position``, ranked ones (rank, position);
+    # plain ints keep a 100,000-file plan fast and out of the garbage collector's way.
+    placed: dict[Digest, int] = {}
+    ranked: dict[Digest, tuple[float, int]] = {}
     if options.ordering:
+        visible_group = _VISIBLE << _GROUP
         for target, indexes in zip(targets, per_target, strict=True):
             ranks = target.ranks
-            for name, node in merge(target.layers).files():
-                content = node.entry.digest
+            for name, layer, index, entry in merge(target.layers).file_entries():
+                content = entry.digest
                 if content is None:
                     continue  # reported below, with the layer that holds it
-                layer = indexes[node.layer]
+                position = indexes[layer] << _SHIFT | index
                 rank = ranks.get(name)
-                if rank is None:
-                    offer(content, (_VISIBLE, 0, layer, node.index), layer, node.entry)
-                else:
-                    offer(content, (_RANKED, rank, layer, node.index), layer, node.entry)
-    rest = _HIDDEN if options.ordering else _RANKED
+                if rank is not None:
+                    best_rank = ranked.get(content)
+                    if best_rank is None or (rank, position) < best_rank:
+                        ranked[content] = (rank, position)
+                    continue
+                key = visible_group | position
+                if key < placed.get(content, _LAST):
+                    placed[content] = key
+    rest = (_HIDDEN if options.ordering else _VISIBLE) << _GROUP
     for layer, toc in enumerate(layers):
-        for position, entry in enumerate(toc.entries):
-            if not entry.has_content:
+        base = rest | layer << _SHIFT
+        for index, entry in enumerate(toc.entries):
+            if entry.type is not EntryType.FILE or entry.size <= 0:  # ``has_content``, inlined
                 continue
             content = entry.digest
             if content is None:
                 raise CorruptLayer(f"layer {toc.layer.digest}: {entry.name!r} has no digest")
-            current = best.get(content)
-            if current is None or current[0][0] == rest:
-                offer(content, (rest, 0, layer, position), layer, entry)
+            if content not in placed:
+                placed[content] = base | index
+
+    by_key = {key: content for content, key in placed.items() if content not in ranked}
+    order = sorted(ranked, key=ranked.__getitem__)
+    order.extend(by_key[key] for key in sorted(by_key))
 
     extents: list[PlannedExtent] = []
     local: list[Digest] = []
-    for content, (_, layer, entry) in sorted(best.items(), key=lambda item: item[1][0]):
+    for content in order:
         if content in held:
             local.append(content)
             continue
+        position = ranked[content][1] if content in ranked else placed[content]
+        layer = (position >> _SHIFT) & _LAYER_MASK
         toc = layers[layer]
+        entry = toc.entries[position & _INDEX_MASK]
         _check_chunks(toc, entry)
         blob = toc.layer.digest
         extents.extend(

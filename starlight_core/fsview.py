@@ -38,7 +38,8 @@ link the link entry itself. Names share an inode when their nodes' ``inode`` are
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 import attrs
@@ -50,10 +51,17 @@ __all__ = ["IMPLIED_DIR_MODE", "MergedView", "Node", "implied_dir", "merge", "vi
 
 IMPLIED_DIR_MODE: Final = 0o755
 
-# Kinds of names inside one layer's own directory.
+# A name inside one layer's own directory is one int, ``index << 2 | kind`` (index -1 for an
+# implied directory), and in the merged view ``(layer << 32 | index + 1) << 1 | is_dir``: plain
+# ints keep a 100,000-entry stack cheap to build and invisible to the garbage collector.
 _DIR: Final = 0
 _OTHER: Final = 1
 _WHITEOUT: Final = 2
+_IMPLIED: Final = -1 << 2 | _DIR
+_PLAIN: Final = frozenset(
+    {EntryType.FILE, EntryType.SYMLINK, EntryType.CHAR, EntryType.BLOCK, EntryType.FIFO}
+)
+_INDEX_MASK: Final = (1 << 32) - 1
 
 
 def implied_dir(name: str) -> Entry:
@@ -88,17 +96,11 @@ class Node:
         return None if self.index < 0 else (self.layer, self.index)
 
 
-class _Local:
-    """A name in one layer's own directory (before stacking)."""
-
-    __slots__ = ("entry", "index", "kind", "link", "opaque")
-
-    def __init__(self, kind: int, index: int, entry: Entry, link: Entry | None = None) -> None:
-        self.kind = kind
-        self.index = index
-        self.entry = entry
-        self.link = link
-        self.opaque = False
+def _children_index(names: Iterable[str]) -> defaultdict[str, set[str]]:
+    children: defaultdict[str, set[str]] = defaultdict(set)
+    for name in names:
+        children[_parent(name)].add(name)
+    return children
 
 
 class _LayerTree:
@@ -109,39 +111,68 @@ class _LayerTree:
     """
 
     def __init__(self, toc: TOC, layer: int) -> None:
-        self.names: dict[str, _Local] = {}
-        self.root: _Local | None = None
-        self._children: dict[str, set[str]] = {}
+        self.names: dict[str, int] = {}
+        """name -> ``index << 2 | kind``; for a hard link, the index of the entry it shows."""
+        self.links: dict[str, int] = {}
+        """hard link name -> index of the link entry."""
+        self.opaque: set[str] = set()
+        """Opaque directories (``""``: the root)."""
+        self.root: int | None = None
+        """Index of the last entry for the root directory."""
+        # Built on the first in-layer replacement of a directory (rare), then kept up to date.
+        self._children: defaultdict[str, set[str]] | None = None
         self._toc = toc
         self._layer = layer
+        names = self.names
         for index, entry in enumerate(toc.entries):
-            self._add(index, entry)
+            if entry.type not in _PLAIN:
+                self._add(index, entry)
+                continue
+            # The common case, inlined: a new non-directory under an existing directory.
+            name = entry.name
+            parent = name.rpartition("/")[0]
+            if parent:
+                value = names.get(parent)
+                if value is None or value & 3 != _DIR:
+                    self._ensure_dir(parent)
+            if name in names or not name:
+                self._add(index, entry)
+                continue
+            names[name] = index << 2 | _OTHER
+            if self._children is not None:
+                self._children[parent].add(name)
 
-    def _insert(self, name: str, local: _Local) -> None:
-        self.names[name] = local
-        self._children.setdefault(_parent(name), set()).add(name)
+    def _insert(self, name: str, value: int) -> None:
+        self.names[name] = value
+        if self._children is not None:
+            self._children[_parent(name)].add(name)
 
     def _drop(self, name: str) -> None:
-        self._children.get(_parent(name), set()).discard(name)
+        if self._children is None:
+            self._children = _children_index(self.names)
+        children = self._children
+        children[_parent(name)].discard(name)
         stack = [name]
         while stack:
             current = stack.pop()
-            self.names.pop(current, None)
-            stack.extend(self._children.pop(current, ()))
+            del self.names[current]
+            self.links.pop(current, None)
+            self.opaque.discard(current)
+            stack.extend(children.pop(current, ()))
 
-    def _ensure_parents(self, name: str) -> None:
+    def _ensure_dir(self, directory: str) -> None:
+        """Make ``directory`` and its ancestors directories of this layer (implied if new)."""
         missing: list[str] = []
-        parent = _parent(name)
-        while parent:
-            local = self.names.get(parent)
-            if local is not None and local.kind == _DIR:
+        while directory:
+            value = self.names.get(directory)
+            if value is not None and value & 3 == _DIR:
                 break
-            missing.append(parent)
-            parent = _parent(parent)
+            missing.append(directory)
+            directory = _parent(directory)
         for path in reversed(missing):
             if path in self.names:
                 self._drop(path)
-            self._insert(path, _Local(_DIR, -1, implied_dir(path)))
+            self._insert(path, _IMPLIED)
 
     def _corrupt(self, message: str) -> CorruptLayer:
         return CorruptLayer(f"layer {self._layer} ({self._toc.layer.digest}): {message}")
@@ -149,119 +180,149 @@ class _LayerTree:
     def _add(self, index: int, entry: Entry) -> None:
         kind = entry.type
         name = entry.name
+        parent = _parent(name)
+        shown = index
+        if kind is EntryType.HARDLINK:
+            # Resolved before the parents are made: the target is what the layer held so far.
+            target = self.names.get(entry.linkname)
+            if target is None or target & 3 != _OTHER or entry.linkname == name:
+                raise self._corrupt(
+                    f"hard link {name!r} -> {entry.linkname!r}: the target is not a "
+                    "non-directory entry earlier in the same layer"
+                )
+            shown = target >> 2
+        if parent:
+            value = self.names.get(parent)
+            if value is None or value & 3 != _DIR:
+                self._ensure_dir(parent)
         if kind is EntryType.OPAQUE:
-            directory = entry.parent
-            if directory == "":
-                if self.root is None:
-                    self.root = _Local(_DIR, -1, implied_dir(""))
-                self.root.opaque = True
-                return
-            self._ensure_parents(name)
-            self.names[directory].opaque = True
+            self.opaque.add(parent)
         elif kind is EntryType.WHITEOUT:
-            self._ensure_parents(name)
-            target = entry.whiteout_target
-            if target not in self.names:
-                self._insert(target, _Local(_WHITEOUT, index, entry))
+            target_name = entry.whiteout_target
+            if target_name not in self.names:
+                self._insert(target_name, index << 2 | _WHITEOUT)
         elif kind is EntryType.DIR:
             if name == "":
-                if self.root is None:
-                    self.root = _Local(_DIR, index, entry)
-                else:
-                    self.root.index, self.root.entry = index, entry
+                self.root = index
                 return
-            self._ensure_parents(name)
-            local = self.names.get(name)
-            if local is not None and local.kind == _DIR:
-                local.index, local.entry = index, entry
+            value = self.names.get(name)
+            if value is not None and value & 3 == _DIR:
+                self.names[name] = index << 2 | _DIR  # keeps its place, children and flag
                 return
-            if local is not None:
+            if value is not None:
                 self._drop(name)
-            self._insert(name, _Local(_DIR, index, entry))
+            self._insert(name, index << 2 | _DIR)
         else:
             if name == "":
                 raise self._corrupt(f"the root is a {kind.value}, not a directory")
-            shown, shown_index, link = entry, index, None
-            if kind is EntryType.HARDLINK:
-                target_local = self.names.get(entry.linkname)
-                if target_local is None or target_local.kind != _OTHER or entry.linkname == name:
-                    raise self._corrupt(
-                        f"hard link {name!r} -> {entry.linkname!r}: the target is not a "
-                        "non-directory entry earlier in the same layer"
-                    )
-                shown, shown_index, link = target_local.entry, target_local.index, entry
-            self._ensure_parents(name)
             if name in self.names:
                 self._drop(name)
-            self._insert(name, _Local(_OTHER, shown_index, shown, link))
+            self._insert(name, shown << 2 | _OTHER)
+            if kind is EntryType.HARDLINK:
+                self.links[name] = index
 
 
 class MergedView(Mapping[str, Node]):
-    """The merged root filesystem of a layer stack: a read-only mapping path -> ``Node``."""
+    """The merged root filesystem of a layer stack: a read-only mapping path -> ``Node``.
 
-    __slots__ = ("_children", "_nodes", "layers")
+    ``Node`` objects are made on access; ``file_entries`` walks the files without them.
+    """
+
+    __slots__ = ("_children", "_links", "_nodes", "layers")
 
     def __init__(self, layers: Sequence[TOC]) -> None:
         self.layers: tuple[TOC, ...] = tuple(layers)
-        self._nodes: dict[str, Node] = {}
-        self._children: dict[str, set[str]] = {}
+        self._nodes: dict[str, int] = {}
+        self._links: dict[str, int] = {}
+        """hard link name -> ``layer << 32 | index`` of the link entry."""
+        # Built when a directory is first deleted (or listed), then kept up to date.
+        self._children: defaultdict[str, set[str]] | None = None
         for layer, toc in enumerate(self.layers):
             self._stack(_LayerTree(toc, layer), layer)
 
     # -- building ------------------------------------------------------------------------------
 
-    def _add(self, name: str, node: Node) -> None:
-        self._nodes[name] = node
-        self._children.setdefault(_parent(name), set()).add(name)
+    def _index(self) -> defaultdict[str, set[str]]:
+        if self._children is None:
+            self._children = _children_index(name for name in self._nodes if name)
+        return self._children
 
-    def _delete(self, name: str) -> None:
-        if self._nodes.pop(name, None) is None:
+    def _delete(self, name: str, value: int) -> None:
+        del self._nodes[name]
+        self._links.pop(name, None)
+        children = self._children
+        if not value & 1:
+            if children is not None:
+                children[_parent(name)].discard(name)
             return
-        self._children.get(_parent(name), set()).discard(name)
-        stack = list(self._children.pop(name, ()))
+        children = self._index()
+        children[_parent(name)].discard(name)
+        stack = list(children.pop(name, ()))
         while stack:
             current = stack.pop()
             del self._nodes[current]
-            stack.extend(self._children.pop(current, ()))
+            self._links.pop(current, None)
+            stack.extend(children.pop(current, ()))
 
     def _delete_children(self, name: str) -> None:
-        for child in list(self._children.get(name, ())):
-            self._delete(child)
+        for child in list(self._index().get(name, ())):
+            self._delete(child, self._nodes[child])
 
     def _stack(self, tree: _LayerTree, layer: int) -> None:
         # Parents come before children in ``tree.names``, so deleting what lower layers hold
         # (whiteouts, opaque directories, replaced names) never touches this layer's own names.
-        root = tree.root
-        if root is not None:
-            if root.opaque:
-                self._delete_children("")
-            if root.index >= 0:
-                self._nodes[""] = Node(layer, root.index, root.entry)
         nodes = self._nodes
+        base = layer << 32
+        if "" in tree.opaque:
+            self._delete_children("")
+        if tree.root is not None:
+            nodes[""] = (base | tree.root + 1) << 1 | 1
+        opaque = tree.opaque
         for name, local in tree.names.items():
             current = nodes.get(name)
-            if local.kind == _WHITEOUT:
+            kind = local & 3
+            if kind == _WHITEOUT:
                 if current is not None:
-                    self._delete(name)
-            elif local.kind == _DIR:
-                if current is not None and current.entry.type is EntryType.DIR:
-                    if local.opaque:
+                    self._delete(name, current)
+                continue
+            value = (base | (local >> 2) + 1) << 1
+            if kind == _DIR:
+                value |= 1
+                if current is not None and current & 1:
+                    if name in opaque:
                         self._delete_children(name)
-                    if local.index >= 0:
-                        nodes[name] = Node(layer, local.index, local.entry)
-                else:
-                    if current is not None:
-                        self._delete(name)
-                    self._add(name, Node(layer, local.index, local.entry))
-            else:
-                if current is not None:
-                    self._delete(name)
-                self._add(name, Node(layer, local.index, local.entry, local.link))
+                    if local != _IMPLIED:
+                        nodes[name] = value
+                    continue
+            if current is not None:
+                self._delete(name, current)
+            nodes[name] = value
+            if self._children is not None:
+                self._children[_parent(name)].add(name)
+            if kind == _OTHER:
+                link = tree.links.get(name)
+                if link is not None:
+                    self._links[name] = base | link
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _node(self, name: str, value: int) -> Node:
+        rest = value >> 1
+        layer, index = rest >> 32, (rest & _INDEX_MASK) - 1
+        if index < 0:
+            return Node(layer, -1, implied_dir(name))
+        link = self._links.get(name)
+        return Node(
+            layer,
+            index,
+            self.layers[layer].entries[index],
+            None if link is None else self.layers[layer].entries[link & _INDEX_MASK],
+        )
 
     # -- the Mapping protocol ------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> Node:
-        return self._nodes[name]
+        return self._node(name, self._nodes[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._nodes)
@@ -276,10 +337,10 @@ class MergedView(Mapping[str, Node]):
 
     def listdir(self, name: str) -> list[str]:
         """Base names in directory ``name`` (``""`` for the root), sorted."""
-        node = self._nodes.get(name)
-        if name and (node is None or node.entry.type is not EntryType.DIR):
+        value = self._nodes.get(name)
+        if name and (value is None or not value & 1):
             raise KeyError(name)
-        return sorted(child.rpartition("/")[2] for child in self._children.get(name, ()))
+        return sorted(child.rpartition("/")[2] for child in self._index().get(name, ()))
 
     def visible(self) -> set[tuple[int, str]]:
         """``(layer index, name)`` of every layer entry that can be seen (implied dirs excluded).
@@ -287,19 +348,34 @@ class MergedView(Mapping[str, Node]):
         A hard link is seen under its own name in its layer; the entry it resolves to is seen
         only if its own name is still visible.
         """
-        return {(node.layer, name) for name, node in self._nodes.items() if node.index >= 0}
+        return {
+            (value >> 33, name) for name, value in self._nodes.items() if (value >> 1) & _INDEX_MASK
+        }
 
     def hardlinks(self) -> list[tuple[str, ...]]:
         """Groups (sorted) of two or more visible names that share an inode, sorted."""
-        groups: dict[tuple[int, int], list[str]] = {}
-        for name, node in self._nodes.items():
-            if node.index >= 0 and node.entry.type is not EntryType.DIR:
-                groups.setdefault((node.layer, node.index), []).append(name)
+        groups: dict[int, list[str]] = {}
+        for name, value in self._nodes.items():
+            if not value & 1:
+                groups.setdefault(value, []).append(name)
         return sorted(tuple(sorted(names)) for names in groups.values() if len(names) > 1)
+
+    def file_entries(self) -> Iterator[tuple[str, int, int, Entry]]:
+        """``(name, layer, index, entry)`` of the visible regular files that have content (hard
+        links included, with the entry they resolve to)."""
+        layers = self.layers
+        for name, value in self._nodes.items():
+            if value & 1:
+                continue
+            rest = value >> 1
+            layer, index = rest >> 32, (rest & _INDEX_MASK) - 1
+            entry = layers[layer].entries[index]
+            if entry.type is EntryType.FILE and entry.size > 0:
+                yield name, layer, index, entry
 
     def files(self) -> Iterator[tuple[str, Node]]:
         """Visible regular files that have content to fetch (hard links included)."""
-        return ((name, node) for name, node in self._nodes.items() if node.entry.has_content)
+        return ((name, self[name]) for name, _, _, _ in self.file_entries())
 
 
 def merge(layers: Sequence[TOC]) -> MergedView:
