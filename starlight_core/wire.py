@@ -180,3 +180,35 @@ def dumps(obj: Any, *, indent: int | None = None) -> bytes:
     return json.dumps(
         unstructure(obj), separators=separators, indent=indent, ensure_ascii=True
     ).encode()
+
+
+# --- bundle ---------------------------------------------------------------------------------
+# Imported here, not at the top: ``starlight_core.bundle`` itself uses this module.
+from starlight_core.bundle import header as _bundle  # noqa: E402
+
+
+def _structure_extent(value: Any, _: Any) -> _bundle.ExtentDescriptor:
+    # One compact array per extent: a 100,000-file bundle header stays small.
+    if not isinstance(value, list | tuple) or len(value) != 6:
+        raise InvalidInput(
+            "an extent is [content, chunk_index, offset, size, compressed_size, digest]"
+        )
+    content, chunk_index, offset, size, compressed_size, digest = value
+    numbers = (chunk_index, offset, size, compressed_size)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise InvalidInput("extent indexes, offsets and sizes must be non-negative integers")
+    return _bundle.ExtentDescriptor(
+        Digest(content), chunk_index, offset, size, compressed_size, Digest(digest)
+    )
+
+
+converter.register_structure_hook(_bundle.ExtentDescriptor, _structure_extent)
+converter.register_unstructure_hook(
+    _bundle.ExtentDescriptor,
+    lambda e: [str(e.content), e.chunk_index, e.offset, e.size, e.compressed_size, str(e.digest)],
+)
+register(_bundle.ImageInfo, forbid_extra_keys=True)
+register(_bundle.ResumeInfo, forbid_extra_keys=True)
+register(_bundle.BundleHeader, forbid_extra_keys=True, always=("version", "local"))
+register(_bundle.EndRecord, forbid_extra_keys=True)
+register(_bundle.ErrorRecord, forbid_extra_keys=True)

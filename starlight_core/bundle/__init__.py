@@ -1,0 +1,73 @@
+"""The bundle: one response carrying images' metadata, then the contents a worker lacks.
+
+``header`` holds the header's model, ``codec`` the wire format (documented there), its encoder
+functions and the incremental ``BundleReader``.
+"""
+
+from starlight_core.bundle.codec import (
+    DEFAULT_MAX_HEADER_JSON_SIZE,
+    DEFAULT_MAX_HEADER_SIZE,
+    EXTENT_OVERHEAD,
+    MAGIC,
+    NEED_DATA,
+    BundleLayout,
+    BundleReader,
+    End,
+    Event,
+    Extent,
+    Header,
+    NeedData,
+    RecordType,
+    StreamPosition,
+    build_header,
+    decompress_extent,
+    descriptors,
+    encode_end,
+    encode_error,
+    encode_extent,
+    encode_header,
+    error_for,
+    extent_record_size,
+)
+from starlight_core.bundle.header import (
+    BUNDLE_VERSION,
+    BundleHeader,
+    EndRecord,
+    ErrorRecord,
+    ExtentDescriptor,
+    ImageInfo,
+    ResumeInfo,
+)
+
+__all__ = [
+    "BUNDLE_VERSION",
+    "DEFAULT_MAX_HEADER_JSON_SIZE",
+    "DEFAULT_MAX_HEADER_SIZE",
+    "EXTENT_OVERHEAD",
+    "MAGIC",
+    "NEED_DATA",
+    "BundleHeader",
+    "BundleLayout",
+    "BundleReader",
+    "End",
+    "EndRecord",
+    "ErrorRecord",
+    "Event",
+    "Extent",
+    "ExtentDescriptor",
+    "Header",
+    "ImageInfo",
+    "NeedData",
+    "RecordType",
+    "ResumeInfo",
+    "StreamPosition",
+    "build_header",
+    "decompress_extent",
+    "descriptors",
+    "encode_end",
+    "encode_error",
+    "encode_extent",
+    "encode_header",
+    "error_for",
+    "extent_record_size",
+]
