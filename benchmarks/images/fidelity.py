@@ -12,7 +12,8 @@ __all__ = ["LISTING_COMMAND", "fidelity_layers"]
 LISTING_COMMAND = [
     "/bin/sh",
     "-c",
-    "cd / && find . -mindepth 1 -xdev \\( -path ./proc -o -path ./sys -o -path ./dev \\) -prune -o -print "
+    "cd / && find . -mindepth 1 -xdev "
+    "\\( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run \\) -prune -o -print "
     "| sort | while read -r f; do "
     "stat -c '%n %F %a %u %g %s %Y %h' \"$f\"; "
     'if [ -f "$f" ] && [ ! -L "$f" ]; then sha256sum "$f"; fi; '
@@ -60,7 +61,12 @@ def fidelity_layers() -> list[bytes]:
         TarMember("srv/fifo", kind="fifo", mode=0o644, mtime=t + 10),
         TarMember("srv/" + "long-name-" * 12, data=b"long\n", mtime=t + 10),
     ]
+    # As docker does, a layer that changes a directory carries that directory's entry: its
+    # mtime is then restored after the whiteouts in it are applied.
     update = [
+        TarMember("opt", kind="dir", mtime=t + 20),
+        TarMember("var/cache", kind="dir", mtime=t + 20),
+        TarMember("etc", kind="dir", mtime=t + 20),
         TarMember("opt/gone", kind="whiteout", mtime=t + 20),
         TarMember("opt/dir-gone", kind="whiteout", mtime=t + 20),
         TarMember("var/cache", kind="opaque", mtime=t + 20),
