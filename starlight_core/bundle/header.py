@@ -87,8 +87,9 @@ class ResumeInfo:
 class BundleHeader:
     version: int = BUNDLE_VERSION
     bundle_id: str = attrs.field(validator=_bundle_id)
-    """sha256 (hex) of this header's canonical JSON with an empty ``bundle_id``: it names the
-    plan, so the same request against the same proxy state yields the same id and stream."""
+    """sha256 (hex) of this header's canonical JSON with ``bundle_id`` set to 64 zeros: it
+    names the plan, so the same request against the same proxy state gives the same id and
+    stream."""
     images: tuple[ImageInfo, ...]
     layers: tuple[TOC, ...]
     """Every layer of every image once, each a full TOC."""
