@@ -11,6 +11,8 @@ from typing import ClassVar
 
 __all__ = [
     "AlreadyExists",
+    "AuthenticationRequired",
+    "BundleChanged",
     "BundleProtocolError",
     "CorruptLayer",
     "DaemonUnavailable",
@@ -26,6 +28,7 @@ __all__ = [
     "NotStarlightFormat",
     "ProxyUnavailable",
     "RegistryError",
+    "RegistryNotServed",
     "RegistryUnavailable",
     "ResourceExhausted",
     "StarlightError",
@@ -92,6 +95,13 @@ class InvalidDigest(InvalidInput):
     code = "invalid_digest"
 
 
+class RegistryNotServed(InvalidInput):
+    """The proxy is not configured to serve images of this registry."""
+
+    code = "registry_not_served"
+    default_hint = "add it to [[registries]] in the proxy's config (or allow_any_registry = true)"
+
+
 class NotFound(StarlightError):
     code = "not_found"
     http_status = 404
@@ -112,6 +122,14 @@ class FailedPrecondition(StarlightError):
     code = "failed_precondition"
     http_status = 409
     grpc_status = GRPC_FAILED_PRECONDITION
+
+
+class BundleChanged(FailedPrecondition):
+    """A bundle cannot be resumed by offset: the proxy now plans a different one."""
+
+    code = "bundle_changed"
+    http_status = 412
+    default_hint = "ask again naming the contents already received (have)"
 
 
 class NotStarlightFormat(FailedPrecondition):
@@ -201,6 +219,15 @@ class ProxyUnavailable(StarlightError):
     http_status = 503
     grpc_status = GRPC_UNAVAILABLE
     default_hint = "check the proxy address and that starlight-proxy is running"
+
+
+class AuthenticationRequired(StarlightError):
+    """A client of the proxy gave no credentials, or wrong ones."""
+
+    code = "authentication_required"
+    http_status = 401
+    grpc_status = GRPC_UNAUTHENTICATED
+    default_hint = "give the proxy credentials: --proxy-user USER:PASSWORD or STARLIGHT_PROXY_USER"
 
 
 class DaemonUnavailable(StarlightError):
