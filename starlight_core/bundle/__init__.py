@@ -28,6 +28,7 @@ from starlight_core.bundle.codec import (
     encode_header,
     error_for,
     extent_record_size,
+    start_bundle,
 )
 from starlight_core.bundle.header import (
     BUNDLE_VERSION,
@@ -70,4 +71,5 @@ __all__ = [
     "encode_header",
     "error_for",
     "extent_record_size",
+    "start_bundle",
 ]

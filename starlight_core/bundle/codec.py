@@ -101,6 +101,7 @@ __all__ = [
     "encode_header",
     "error_for",
     "extent_record_size",
+    "start_bundle",
 ]
 
 MAGIC: Final = b"\x89SLBNDL\n"
@@ -139,13 +140,10 @@ def descriptors(extents: Iterable[PlannedExtent]) -> tuple[ExtentDescriptor, ...
     )  # fmt: skip
 
 
-def build_header(
-    plan: DeltaPlan, images: Sequence[ImageInfo], *, resume: ResumeInfo | None = None
-) -> BundleHeader:
-    """The header of the bundle that carries ``plan``; ``images[i]`` is ``plan.targets[i]``."""
+def _draft(plan: DeltaPlan, images: Sequence[ImageInfo], resume: ResumeInfo | None) -> BundleHeader:
     if [image.layers for image in images] != list(plan.targets):
         raise ValueError("images must match plan.targets one to one, with the same layers")
-    draft = BundleHeader(
+    return BundleHeader(
         bundle_id=_ZERO_ID,
         images=tuple(images),
         layers=plan.layers,
@@ -153,7 +151,31 @@ def build_header(
         local=plan.local,
         resume=resume,
     )
+
+
+def build_header(
+    plan: DeltaPlan, images: Sequence[ImageInfo], *, resume: ResumeInfo | None = None
+) -> BundleHeader:
+    """The header of the bundle that carries ``plan``; ``images[i]`` is ``plan.targets[i]``."""
+    draft = _draft(plan, images, resume)
     return attrs.evolve(draft, bundle_id=hashlib.sha256(wire.dumps(draft)).hexdigest())
+
+
+def start_bundle(
+    plan: DeltaPlan, images: Sequence[ImageInfo], *, resume: ResumeInfo | None = None
+) -> tuple[BundleHeader, bytes]:
+    """``build_header`` and ``encode_header`` with one serialisation instead of two.
+
+    The JSON of a large header takes seconds to produce; the id is spliced into the draft's.
+    """
+    draft = _draft(plan, images, resume)
+    text = wire.dumps(draft)
+    bundle_id = hashlib.sha256(text).hexdigest()
+    prefix = b'{"version":%d,"bundle_id":"%s"' % (BUNDLE_VERSION, _ZERO_ID.encode())
+    if not text.startswith(prefix):  # the field order is part of the format
+        raise AssertionError("the bundle header JSON must start with version and bundle_id")
+    text = prefix.replace(_ZERO_ID.encode(), bundle_id.encode()) + text[len(prefix) :]
+    return attrs.evolve(draft, bundle_id=bundle_id), _frame_header(text)
 
 
 def _record(kind: RecordType, *parts: bytes) -> bytes:
@@ -163,10 +185,14 @@ def _record(kind: RecordType, *parts: bytes) -> bytes:
     return b"".join((bytes([kind]), length.to_bytes(4, "big"), *parts))
 
 
+def _frame_header(text: bytes) -> bytes:
+    payload = gzip.compress(text, compresslevel=6, mtime=0)
+    return MAGIC + _record(RecordType.HEADER, payload)
+
+
 def encode_header(header: BundleHeader) -> bytes:
     """The start of the stream: the magic and the HEADER record (the same bytes every time)."""
-    payload = gzip.compress(wire.dumps(header), compresslevel=6, mtime=0)
-    return MAGIC + _record(RecordType.HEADER, payload)
+    return _frame_header(wire.dumps(header))
 
 
 def encode_extent(index: int, data: bytes) -> bytes:

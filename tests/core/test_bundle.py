@@ -42,6 +42,7 @@ from starlight_core.bundle import (
     encode_extent,
     encode_header,
     error_for,
+    start_bundle,
 )
 from starlight_core.delta import DeltaPlan, Target, plan
 from starlight_core.digest import Digest, sha256_digest
@@ -520,6 +521,12 @@ def test_bundle_id_names_the_plan() -> None:
     assert event.header == resumed
     with pytest.raises(ValueError, match=r"match plan\.targets"):
         build_header(SAMPLE.plan, [])
+    # One serialisation instead of two, the same result.
+    assert start_bundle(SAMPLE.plan, SAMPLE.header.images) == (SAMPLE.header, SAMPLE.header_bytes)
+    assert start_bundle(SAMPLE.plan, SAMPLE.header.images, resume=resumed.resume) == (
+        resumed,
+        encode_header(resumed),
+    )
 
 
 def test_header_json_form() -> None:
