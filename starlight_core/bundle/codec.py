@@ -26,7 +26,8 @@ Wire format
   lies in the layer blob (``compressed_size`` bytes). Record ``i`` is always extent ``i``.
 * END: the number of extents and the stream offset of the END record itself.
 * ERROR: the ``StarlightError.code`` of the failure and its message; the reader raises the
-  matching ``StarlightError`` subclass (``StarlightError`` itself for unknown codes).
+  matching ``StarlightError`` subclass (``StarlightError`` itself for unknown codes), even
+  before the HEADER (the proxy failed before it could plan).
 * Unknown record types are a protocol error: a new record type needs a new version.
 
 Determinism and resumption
