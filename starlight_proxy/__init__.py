@@ -1,4 +1,3 @@
 """starlight_proxy."""
 
 __version__ = "0.1.0"
-

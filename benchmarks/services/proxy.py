@@ -1,0 +1,173 @@
+"""A private ``starlight-proxy`` process: its own config file, database and port.
+
+``ProxyProcess(workdir, registries=[...])`` writes ``workdir/proxy.toml``, runs the
+``starlight-proxy`` of this environment on a free loopback port and waits until
+``/health-check`` answers. ``database`` defaults to a SQLite file in ``workdir``; pass a
+``postgresql://`` URL to run replicas on one database. ``pid`` lets benchmarks read its CPU
+time and memory from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final
+
+from benchmarks.services import free_port, wait_for
+
+__all__ = ["ProxyProcess", "proxy_binary", "render_toml"]
+
+_START_TIMEOUT: Final = 60.0
+_STOP_TIMEOUT: Final = 15.0
+
+
+def proxy_binary() -> str:
+    """The ``starlight-proxy`` script installed next to this interpreter."""
+    candidate = Path(sys.executable).with_name("starlight-proxy")
+    if candidate.exists():
+        return str(candidate)
+    raise FileNotFoundError(f"{candidate} not found: pip install -e ./starlight_proxy")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def render_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Enough TOML for a proxy config: scalars, arrays, tables and arrays of tables."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            tables.append(f"[{name}]\n" + render_toml(value, f"{name}."))
+        elif isinstance(value, list | tuple) and value and isinstance(value[0], Mapping):
+            for item in value:
+                tables.append(f"[[{name}]]\n" + render_toml(item, f"{name}."))
+        else:
+            lines.append(f"{key} = {_value(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+class ProxyProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        registries: Sequence[Mapping[str, Any]] = (),
+        database: str | None = None,
+        auth: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.port = port if port is not None else free_port()
+        self.database = database or str(self.workdir / "metadata.db")
+        self.config_path = self.workdir / "proxy.toml"
+        self.log_path = self.workdir / "proxy.log"
+        self._config: dict[str, Any] = {
+            "listen": "127.0.0.1",
+            "port": self.port,
+            "database": self.database,
+            "log_level": "warning",
+            **(settings or {}),
+        }
+        if registries:
+            self._config["registries"] = [dict(r) for r in registries]
+        if auth:
+            self._config["auth"] = dict(auth)
+        self._env = dict(env or {})
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the proxy is not running")
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(render_toml(self._config))
+        self._log = self.log_path.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STARLIGHT_PROXY_")}
+        env.update(self._env)
+        self._process = subprocess.Popen(
+            [proxy_binary(), "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+        )
+        try:
+            wait_for(self._answers, timeout=_START_TIMEOUT, what=f"starlight-proxy on {self.url}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> ProxyProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _answers(self) -> bool:
+        if self._process is None or self._process.poll() is not None:
+            raise RuntimeError(f"starlight-proxy exited early; its log:\n{self.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/health-check", timeout=2) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
