@@ -115,15 +115,17 @@ class BundlePlanner:
         self._auto_notify = auto_notify
 
     async def prepare(self, request: DeltaRequest) -> PreparedBundle:
+        # All input is checked before any lookup: a malformed request is always a 400.
         explicit = _platform(request.platform)
         platform = explicit or Platform.host()
+        wanted = [Reference.parse(text) for text in request.to]
+        held_images = [Reference.parse(text) for text in request.from_]
         targets: list[tuple[Reference, ImageRecord]] = []
-        for text in request.to:
-            reference = _reference(text)
+        for reference in wanted:
             image = await self._target(reference, explicit, platform)
             if all(image.id != other.id for _, other in targets):
                 targets.append((reference, image))
-        holders = await self._holders(request.from_, explicit, platform)
+        holders = await self._holders(held_images, explicit, platform)
 
         start = time.monotonic()
         metas = [await self._store.load_image(image.id) for _, image in targets]
@@ -218,13 +220,12 @@ class BundlePlanner:
         return image
 
     async def _holders(
-        self, texts: Sequence[str], explicit: Platform | None, platform: Platform
+        self, references: Sequence[Reference], explicit: Platform | None, platform: Platform
     ) -> list[int]:
         """The images the worker holds that the proxy knows; others are skipped (the worker
         may hold images this proxy never indexed)."""
         holders: list[int] = []
-        for text in texts:
-            reference = _reference(text)
+        for reference in references:
             try:
                 self._upstreams.check(reference)
                 image = await self._find(reference, explicit, platform)
@@ -236,10 +237,6 @@ class BundlePlanner:
             else:
                 log.info("delta: ignoring from-image %s: %s", reference, image.state.value)
         return holders
-
-
-def _reference(text: str) -> Reference:
-    return Reference.parse(text)
 
 
 def _platform(text: str | None) -> Platform | None:
