@@ -8,6 +8,8 @@ import click
 
 from starlight_cli import __version__
 from starlight_cli.commands.convert import convert
+from starlight_cli.commands.notify import notify
+from starlight_cli.commands.ping import ping
 
 __all__ = ["cli", "main"]
 
@@ -21,6 +23,8 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(convert)
+cli.add_command(notify)
+cli.add_command(ping)
 
 
 @cli.command()
