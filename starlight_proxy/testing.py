@@ -103,7 +103,7 @@ def file_state(entry: Entry, data: bytes | None) -> FileState:
 
 
 def materialize(
-    header: BundleHeader, image: int, contents: Mapping[str, bytes]
+    header: BundleHeader, image: int, contents: Mapping[Digest, bytes]
 ) -> dict[str, FileState]:
     """The files of ``header.images[image]`` (merged view, root excluded) with their data.
 
