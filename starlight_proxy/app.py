@@ -298,7 +298,7 @@ def create_app(
             HEADER_BUNDLE_ID: prepared.bundle_id,
             HEADER_BUNDLE_OFFSET: str(prepared.offset),
             HEADER_BUNDLE_SIZE: str(prepared.layout.total),
-            HEADER_BUNDLE_EXTENTS: str(len(prepared.header.extents)),
+            HEADER_BUNDLE_EXTENTS: str(len(prepared.extents)),
             HEADER_BUNDLE_HEADER_SIZE: str(prepared.layout.header_size),
             "Cache-Control": "no-store",
         }

@@ -37,7 +37,15 @@ from starlight_core.bundle import (
     encode_extent,
     encode_header,
 )
-from starlight_core.delta import DeltaPlan, PlanOptions, RangeRead, Target, coalesce, plan
+from starlight_core.delta import (
+    DeltaPlan,
+    PlannedExtent,
+    PlanOptions,
+    RangeRead,
+    Target,
+    coalesce,
+    plan,
+)
 from starlight_core.digest import Digest
 from starlight_core.errors import (
     BundleChanged,
@@ -82,20 +90,25 @@ class StreamOptions:
 
 @attrs.frozen
 class PreparedBundle:
-    """A planned bundle: its header, the plan, and where each layer blob is read from."""
+    """What streaming a planned bundle needs, and no more: the encoded header and the extents.
 
-    header: BundleHeader
+    The TOCs are dropped once the header is encoded (100,000 entries weigh more than their
+    JSON), so a long stream holds only its extent table.
+    """
+
+    bundle_id: str
     header_bytes: bytes = attrs.field(repr=lambda data: f"<{len(data)} bytes>")
-    plan: DeltaPlan
     layout: BundleLayout
+    extents: tuple[PlannedExtent, ...]
+    """Where each EXTENT record's bytes are in the layer blobs, in stream order."""
+    descriptors: tuple[ExtentDescriptor, ...]
+    """What each must inflate to (the header's view)."""
+    local: int
+    """Contents the worker copies from what it holds."""
     sources: tuple[Upstream, ...]
-    """Per ``plan.layers`` index: the registry and repository to read the blob from."""
+    """Per plan layer: the registry and repository to read the blob from."""
     offset: int = 0
     """Where the response starts (a byte resume)."""
-
-    @property
-    def bundle_id(self) -> str:
-        return self.header.bundle_id
 
 
 class BundlePlanner:
@@ -179,10 +192,12 @@ class BundlePlanner:
             for layer in layers:
                 owner.setdefault(layer, upstream)
         return PreparedBundle(
-            header=header,
+            bundle_id=header.bundle_id,
             header_bytes=header_bytes,
-            plan=delta,
             layout=layout,
+            extents=delta.extents,
+            descriptors=header.extents,
+            local=len(header.local),
             sources=tuple(owner[i] for i in range(len(delta.layers))),
             offset=request.offset,
         )
@@ -315,15 +330,15 @@ def _check_range(
     data: bytes,
     read: RangeRead,
     first: int,
+    extents: Sequence[PlannedExtent],
     descriptors: Sequence[ExtentDescriptor],
-    plan_: DeltaPlan,
 ) -> _Checked:
     """Cut a range into its extents and verify each (runs in a worker thread)."""
     view = memoryview(data)
     pieces: list[memoryview] = []
     for k in range(read.count):
         index = first + read.first + k
-        chunk = plan_.extents[index].chunk
+        chunk = extents[index].chunk
         start = chunk.compressed_offset - read.offset
         piece = view[start : start + chunk.compressed_size]
         try:
@@ -338,8 +353,7 @@ async def stream_bundle(
     prepared: PreparedBundle, options: StreamOptions, metrics: Metrics
 ) -> AsyncIterator[bytes]:
     """The bundle stream from ``prepared.offset`` on; failures become an ERROR record."""
-    layout, delta = prepared.layout, prepared.plan
-    descriptors = prepared.header.extents
+    layout, extents, descriptors = prepared.layout, prepared.extents, prepared.descriptors
     position = layout.locate(prepared.offset)
     skip = position.skip
     first = position.index
@@ -367,7 +381,7 @@ async def stream_bundle(
             ) from exc
         metrics.range_reads.inc()
         metrics.registry_bytes.labels("bundle").inc(len(data))
-        return await anyio.to_thread.run_sync(_check_range, data, read, first, descriptors, delta)
+        return await anyio.to_thread.run_sync(_check_range, data, read, first, extents, descriptors)
 
     try:
         if position.record == "done":
@@ -377,9 +391,7 @@ async def stream_bundle(
             yield prepared.header_bytes[skip:]
             sent += len(prepared.header_bytes) - skip
             skip = 0
-        ranges = coalesce(
-            delta.extents[first:], max_gap=options.max_gap, max_size=options.max_range
-        )
+        ranges = coalesce(extents[first:], max_gap=options.max_gap, max_size=options.max_range)
         try:
             async for read, checked in _prefetch(
                 ranges,
