@@ -4,12 +4,14 @@ from both at once, and a stream cut on one replica resumed on the other."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.services import wait_for
 from benchmarks.services.faulty import Fault, FaultyProxy
 from benchmarks.services.postgres import Postgres
 from benchmarks.services.proxy import ProxyProcess
@@ -151,3 +153,49 @@ def test_stream_cut_on_one_replica_resumes_on_the_other(
     assert materialize(decode_bundle(first + rest).header, 0, decode_bundle(whole).contents) == (
         scenario.v3.files
     )
+
+
+def test_a_worker_that_goes_away_stops_the_registry_reads(
+    registry: Registry, scenario: Scenario, tmp_path: Path
+) -> None:
+    """The proxy stops fetching for a bundle whose client disconnected."""
+    with (
+        FaultyProxy(registry.url) as slow,
+        ProxyProcess(
+            tmp_path / "proxy",
+            registries=[{"host": registry.host, "url": slow.url}],
+            # One Range read per extent, four in flight: many reads in all, few at any time.
+            settings={"max_range": 1, "max_gap": 0, "ranges_in_flight": 4},
+        ) as proxy,
+    ):
+        asyncio.run(notify(proxy, scenario.v1.reference))
+        blob_gets = lambda: sum(  # noqa: E731
+            1 for method, path in slow.requests if method == "GET" and "/blobs/" in path
+        )
+        before = blob_gets()
+        slow.add(Fault(match=lambda m, p: "/blobs/" in p, rate=100_000, times=10_000))
+
+        async def header_only() -> int:
+            request = DeltaRequest(to=(str(scenario.v1.reference),))
+            async with ProxyClient(proxy.url) as client, client.delta(request) as stream:
+                async for _ in stream:
+                    break  # the first bytes (the header): then hang up
+                return stream.extents
+
+        extents = asyncio.run(header_only())
+        assert extents > 20
+
+        async def cancelled() -> float:
+            async with ProxyClient(proxy.url) as client:
+                text = (await client._http.get("/metrics")).text
+            for line in text.splitlines():
+                if line.startswith('starlight_proxy_bundles_total{outcome="cancelled"}'):
+                    return float(line.split()[1])
+            return 0.0
+
+        wait_for(lambda: asyncio.run(cancelled()) == 1.0, timeout=30, what="cancellation")
+        stopped = blob_gets()
+        time.sleep(1.0)
+        assert blob_gets() == stopped  # nothing more was asked of the registry
+        # About the reads in flight when the worker left, not one per extent.
+        assert stopped - before <= 2 * 4
