@@ -15,13 +15,15 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from benchmarks.images.build import push_image
+from benchmarks.images.build import image_config, push_image
+from starlight_core import oci, wire
 from starlight_core.convert import ConvertOptions, convert_image
 from starlight_core.digest import Digest
 from starlight_core.layer.toc import EntryType
+from starlight_core.platform import Platform
 from starlight_core.reference import Reference
 from starlight_core.registry import RegistryClient
-from starlight_core.testing import TarMember, build_tar
+from starlight_core.testing import TarMember, build_tar, gzip_bytes
 from starlight_proxy.testing import FileState
 
 CHUNK = 256 * 1024
@@ -225,3 +227,39 @@ def expected_files(layers: Sequence[Sequence[TarMember]]) -> dict[str, FileState
                     del tree[path]
             tree[member.name] = state
     return tree
+
+
+async def push_converted_index(
+    client: RegistryClient,
+    registry_host: str,
+    repository: str,
+    tag: str,
+    platforms: Mapping[str, Sequence[Sequence[TarMember]]],
+) -> Reference:
+    """An OCI index of one image per platform (``"linux/arm64"`` -> layers), converted."""
+    source = Reference.parse(f"{registry_host}/{repository}:{tag}-src")
+    descriptors = []
+    for text, layers in platforms.items():
+        platform = Platform.parse(text)
+        tars = [build_tar(layer) for layer in layers]
+        blobs = [gzip_bytes(tar) for tar in tars]
+        config = image_config([_digest(tar) for tar in tars], architecture=platform.architecture)
+        for blob in [*blobs, config]:
+            await client.upload_blob(source, blob, _digest(blob))
+        manifest = oci.Manifest(
+            schema_version=2,
+            media_type=oci.OCI_MANIFEST,
+            config=oci.Descriptor(oci.OCI_CONFIG, _digest(config), len(config)),
+            layers=tuple(oci.Descriptor(oci.OCI_LAYER_GZIP, _digest(b), len(b)) for b in blobs),
+        )
+        data = wire.dumps(manifest)
+        digest = await client.put_manifest(
+            source.with_digest(_digest(data)), data, oci.OCI_MANIFEST
+        )
+        descriptors.append(oci.Descriptor(oci.OCI_MANIFEST, digest, len(data), platform=platform))
+    index = oci.Index(schema_version=2, media_type=oci.OCI_INDEX, manifests=tuple(descriptors))
+    await client.put_manifest(source, wire.dumps(index), oci.OCI_INDEX)
+    destination = source.with_tag(tag)
+    options = ConvertOptions(chunk_size=CHUNK, all_platforms=True)
+    await convert_image(client, source, destination, options)
+    return destination

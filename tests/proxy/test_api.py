@@ -41,7 +41,13 @@ from starlight_proxy.app import create_app
 from starlight_proxy.config import AuthConfig, BasicUser, ProxyConfig, UpstreamRegistry
 from starlight_proxy.store import SQLMetadataStore
 from starlight_proxy.testing import DecodedBundle, decode_bundle, materialize
-from tests.proxy.scenario import Scenario, build_scenario
+from tests.proxy.scenario import (
+    Scenario,
+    base_layer,
+    build_scenario,
+    expected_files,
+    push_converted_index,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -556,3 +562,41 @@ async def test_proxy_unreachable_is_proxy_unavailable() -> None:
     async with ProxyClient(f"http://127.0.0.1:{free_port()}") as proxy:
         with pytest.raises(ProxyUnavailable, match="ConnectError"):
             await proxy.ping()
+
+
+async def test_multi_platform_index(
+    proxy: ProxyClient, http: httpx.AsyncClient, registry: Registry, registry_client: RegistryClient
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    layers = {
+        "linux/amd64": [base_layer(f"{tag}-amd64")],
+        "linux/arm64": [base_layer(f"{tag}-arm64")],
+    }
+    reference = await push_converted_index(
+        registry_client, registry.host, f"multi-{tag}", "v1", layers
+    )
+    # The proxy's own platform by default; one named platform; or all of them.
+    default = await proxy.notify(reference)
+    assert [i.platform for i in default.images] == ["linux/amd64"]
+    arm = await proxy.notify(reference, platform="linux/aarch64")
+    assert [i.platform for i in arm.images] == ["linux/arm64"]
+    everything = await proxy.notify(reference, all_platforms=True)
+    assert sorted(i.platform for i in everything.images) == ["linux/amd64", "linux/arm64"]
+    assert len({i.index_digest for i in everything.images}) == 1
+    with pytest.raises(ImageNotFound, match="no manifest for platform"):
+        await proxy.notify(reference, platform="linux/s390x")
+
+    # The bundle for each platform is that platform's image.
+    for platform, version_layers in layers.items():
+        bundle = await fetch_bundle(proxy, DeltaRequest(to=(str(reference),), platform=platform))
+        assert bundle.header.images[0].platform == platform
+        assert materialize(bundle.header, 0, bundle.contents) == expected_files(version_layers)
+    # By the index digest, the platform picks the manifest; without one it is ambiguous.
+    index_digest = everything.images[0].index_digest
+    assert index_digest is not None
+    pinned = reference.with_digest(index_digest)
+    bundle = await fetch_bundle(proxy, DeltaRequest(to=(str(pinned),), platform="linux/arm64"))
+    assert bundle.header.images[0].platform == "linux/arm64"
+    response = await http.get("/starlight/delta", params={"to": str(pinned)})
+    assert response.status_code == 400
+    assert "several platforms" in response.json()["message"]
