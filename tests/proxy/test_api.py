@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import cast
 
+import attrs
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -23,6 +25,7 @@ from starlight_core.digest import Digest
 from starlight_core.errors import (
     AuthenticationRequired,
     BundleChanged,
+    CorruptLayer,
     ImageNotFound,
     InvalidInput,
     InvalidPlatform,
@@ -600,3 +603,26 @@ async def test_multi_platform_index(
     response = await http.get("/starlight/delta", params={"to": str(pinned)})
     assert response.status_code == 400
     assert "several platforms" in response.json()["message"]
+
+
+async def test_config_that_does_not_match_its_layers_is_refused(
+    proxy: ProxyClient, scenario: Scenario, registry_client: RegistryClient
+) -> None:
+    """A manifest whose config names other diff_ids than its layers hold: corrupt, 422."""
+    v1 = scenario.v1.reference
+    manifest = wire.loads((await registry_client.get_manifest(v1)).data, oci.Manifest)
+    config = json.loads(await registry_client.get_blob(v1, manifest.config.digest))
+    config["rootfs"]["diff_ids"][0] = "sha256:" + "1" * 64
+    forged = json.dumps(config).encode()
+    forged_digest = Digest("sha256:" + hashlib.sha256(forged).hexdigest())
+    await registry_client.upload_blob(v1, forged, forged_digest)
+    lying = attrs.evolve(
+        manifest, config=attrs.evolve(manifest.config, digest=forged_digest, size=len(forged))
+    )
+    reference = v1.with_tag(f"lying-{uuid.uuid4().hex[:6]}")
+    await registry_client.put_manifest(reference, wire.dumps(lying), oci.OCI_MANIFEST)
+
+    with pytest.raises(CorruptLayer, match="diff_id"):
+        await proxy.notify(reference)
+    (image,) = [i for i in await proxy.images(name=v1.name) if i.tags == () and i.state == "failed"]
+    assert "diff_id" in (image.error or "")
