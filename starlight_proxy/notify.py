@@ -75,7 +75,7 @@ class _Manifest:
     response: ManifestResponse
     manifest: oci.Manifest
     platform: Platform | None
-    """From the index descriptor; ``None``: from the config."""
+    """From the index descriptor; ``None`` (a lone manifest): from the config."""
     index_digest: Digest | None
 
 
@@ -157,7 +157,8 @@ class Indexer:
                     )
                 )
             return manifests
-        return [_Manifest(response, _parse_manifest(response), platform, None)]
+        # A lone manifest's platform is its config's (checked against the wanted one later).
+        return [_Manifest(response, _parse_manifest(response), None, None)]
 
     async def _shared(
         self,

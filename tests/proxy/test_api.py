@@ -402,6 +402,16 @@ async def test_bad_input_raises_typed_errors_in_the_client(proxy: ProxyClient) -
         await fetch_bundle(proxy, DeltaRequest(to=("x.example/a",), have=(short,)))
 
 
+async def test_notify_with_another_platform_than_the_image(
+    proxy: ProxyClient, scenario: Scenario
+) -> None:
+    with pytest.raises(ImageNotFound, match="is for linux/amd64, not linux/arm64"):
+        await proxy.notify(scenario.v1.reference, platform="linux/arm64")
+    assert await proxy.images() == []
+    (image,) = (await proxy.notify(scenario.v1.reference, platform="linux/x86_64")).images
+    assert image.platform == "linux/amd64"
+
+
 async def test_resume_of_a_changed_bundle_is_412(
     proxy: ProxyClient, http: httpx.AsyncClient, scenario: Scenario
 ) -> None:
