@@ -169,9 +169,10 @@ def test_a_worker_that_goes_away_stops_the_registry_reads(
         ) as proxy,
     ):
         asyncio.run(notify(proxy, scenario.v1.reference))
-        blob_gets = lambda: sum(  # noqa: E731
-            1 for method, path in slow.requests if method == "GET" and "/blobs/" in path
-        )
+
+        def blob_gets() -> int:
+            return sum(1 for m, path in slow.requests if m == "GET" and "/blobs/" in path)
+
         before = blob_gets()
         slow.add(Fault(match=lambda m, p: "/blobs/" in p, rate=100_000, times=10_000))
 
