@@ -8,6 +8,7 @@ independent answer.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import uuid
@@ -171,6 +172,16 @@ async def push_converted(
         result.reference.digest,
         tuple(tuple(layer) for layer in layers),
     )
+
+
+def make_scenario(registry_host: str) -> Scenario:
+    """Build the scenario in a registry (for module-scoped fixtures, outside any loop)."""
+
+    async def build() -> Scenario:
+        async with RegistryClient(plain_http=True) as client:
+            return await build_scenario(client, registry_host)
+
+    return asyncio.run(build())
 
 
 async def build_scenario(client: RegistryClient, registry_host: str) -> Scenario:

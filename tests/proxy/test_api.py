@@ -47,8 +47,8 @@ from starlight_proxy.testing import DecodedBundle, decode_bundle, materialize
 from tests.proxy.scenario import (
     Scenario,
     base_layer,
-    build_scenario,
     expected_files,
+    make_scenario,
     push_converted_index,
 )
 
@@ -59,11 +59,7 @@ PROXY_URL = "http://proxy.test"
 
 @pytest.fixture(scope="module")
 def scenario(registry: Registry) -> Scenario:
-    async def build() -> Scenario:
-        async with RegistryClient(plain_http=True) as client:
-            return await build_scenario(client, registry.host)
-
-    return asyncio.run(build())
+    return make_scenario(registry.host)
 
 
 def config_for(registry: Registry, **settings: object) -> ProxyConfig:

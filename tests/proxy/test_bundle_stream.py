@@ -6,7 +6,6 @@ proxy and it, or by corrupting a blob in the registry's storage.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -33,7 +32,7 @@ from tests.proxy.scenario import (
     Scenario,
     Version,
     base_layer,
-    build_scenario,
+    make_scenario,
     noise,
     push_converted,
 )
@@ -46,11 +45,7 @@ PROXY_URL = "http://proxy.test"
 
 @pytest.fixture(scope="module")
 def scenario(registry: Registry) -> Scenario:
-    async def build() -> Scenario:
-        async with RegistryClient(plain_http=True) as client:
-            return await build_scenario(client, registry.host)
-
-    return asyncio.run(build())
+    return make_scenario(registry.host)
 
 
 @pytest.fixture(scope="module")

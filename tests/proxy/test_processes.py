@@ -18,20 +18,15 @@ from benchmarks.services.proxy import ProxyProcess
 from benchmarks.services.registry import Registry
 from starlight_core.errors import ProxyUnavailable
 from starlight_core.proxy_client import BundleStream, DeltaRequest, NotifyResult, ProxyClient
-from starlight_core.registry import RegistryClient
 from starlight_proxy.testing import decode_bundle, materialize
-from tests.proxy.scenario import Scenario, build_scenario
+from tests.proxy.scenario import Scenario, make_scenario
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def scenario(registry: Registry) -> Scenario:
-    async def build() -> Scenario:
-        async with RegistryClient(plain_http=True) as client:
-            return await build_scenario(client, registry.host)
-
-    return asyncio.run(build())
+    return make_scenario(registry.host)
 
 
 @pytest.fixture(scope="module")
