@@ -8,8 +8,10 @@ import click
 
 from starlight_cli import __version__
 from starlight_cli.commands.convert import convert
+from starlight_cli.commands.images import images
 from starlight_cli.commands.notify import notify
 from starlight_cli.commands.ping import ping
+from starlight_cli.commands.pull import pull
 
 __all__ = ["cli", "main"]
 
@@ -23,6 +25,8 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(convert)
+cli.add_command(pull)
+cli.add_command(images)
 cli.add_command(notify)
 cli.add_command(ping)
 

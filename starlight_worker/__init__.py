@@ -1,4 +1,3 @@
 """starlight_worker."""
 
 __version__ = "0.1.0"
-

@@ -167,7 +167,7 @@ class MemberDecoder:
                 if len(view) - pos < 2:
                     self._tail = bytes(view[pos:])
                     break
-                if view[pos : pos + 2] != GZIP_MAGIC:
+                if bytes(view[pos : pos + 2]) != GZIP_MAGIC:
                     raise CorruptLayer(
                         "not a gzip stream: unexpected bytes at compressed offset "
                         f"{self._compressed}"

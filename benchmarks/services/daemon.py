@@ -1,0 +1,191 @@
+"""A private ``starlight-daemon`` (and the FUSE server it starts) for tests and benchmarks.
+
+The store lives under ``workdir/root``; sockets go to a short directory under ``/tmp`` (unix
+socket paths are limited to 108 bytes). ``stop()`` stops the daemon; ``close()`` also detaches
+every layer from the FUSE server, shuts it down and unmounts what is left, so nothing survives
+the test. ``kill()`` is a ``kill -9`` of the daemon alone (the FUSE server keeps running), as a
+crash would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Final
+
+from benchmarks.services import wait_for
+
+__all__ = ["DaemonProcess"]
+
+_START_TIMEOUT: Final = 60.0
+_STOP_TIMEOUT: Final = 20.0
+
+
+def _binary() -> str:
+    candidate = Path(sys.executable).with_name("starlight-daemon")
+    if candidate.exists():
+        return str(candidate)
+    raise FileNotFoundError(f"{candidate} not found: pip install -e ./starlight_worker")
+
+
+class DaemonProcess:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        proxy: str,
+        containerd_address: str,
+        namespace: str = "default",
+        content_timeout: float = 60.0,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.root = self.workdir / "root"
+        self.run_dir = Path(tempfile.mkdtemp(prefix="sl-", dir="/tmp"))
+        self.proxy = proxy
+        self.containerd_address = containerd_address
+        self.namespace = namespace
+        self.content_timeout = content_timeout
+        self.extra = dict(extra or {})
+        self.log_path = self.workdir / "daemon.log"
+        self.config_path = self.workdir / "daemon.toml"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def snapshotter_socket(self) -> str:
+        return str(self.run_dir / "snapshotter.sock")
+
+    @property
+    def control_socket(self) -> str:
+        return str(self.run_dir / "daemon.sock")
+
+    @property
+    def fused_socket(self) -> str:
+        return str(self.run_dir / "fused.sock")
+
+    @property
+    def fuse_mountpoint(self) -> Path:
+        return self.root / "fuse"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the daemon is not running")
+        return self._process.pid
+
+    def _write_config(self) -> None:
+        lines = {
+            "proxy": self.proxy,
+            "root": str(self.root),
+            "run_dir": str(self.run_dir),
+            "containerd_address": self.containerd_address,
+            "namespace": self.namespace,
+            "content_timeout": self.content_timeout,
+            "log_level": "debug",
+            **self.extra,
+        }
+        text = "".join(
+            f"{key} = {value!r}\n" if isinstance(value, float) else f'{key} = "{value}"\n'
+            for key, value in lines.items()
+        )
+        self.config_path.write_text(text)
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self._log = self.log_path.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STARLIGHT_")}
+        self._process = subprocess.Popen(
+            [_binary(), "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            wait_for(
+                lambda: (self._check_alive() and os.path.exists(self.control_socket)),
+                timeout=_START_TIMEOUT,
+                what="starlight-daemon",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_alive(self) -> bool:
+        if self._process is not None and self._process.poll() is not None:
+            raise RuntimeError(f"starlight-daemon exited:\n{self.log()[-3000:]}")
+        return True
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        """``kill -9`` the daemon (only the daemon: the FUSE server is its own session)."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
+    def close(self) -> None:
+        """Stop everything: the daemon, the FUSE server, and any mount left."""
+        self.stop()
+        from starlight_worker.fs import FsClient
+
+        client = FsClient(self.fused_socket, timeout=10)
+        with contextlib.suppress(Exception):
+            for layer in client.list():
+                client.detach(layer.layer_key)
+            pid = client.ping().pid
+            try:
+                client.shutdown()
+            except Exception:
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(
+            ["fusermount3", "-uz", str(self.fuse_mountpoint)],
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> DaemonProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
