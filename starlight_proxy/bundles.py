@@ -30,12 +30,11 @@ from starlight_core.bundle import (
     BundleLayout,
     ExtentDescriptor,
     ImageInfo,
-    build_header,
     decompress_extent,
     encode_end,
     encode_error,
     encode_extent,
-    encode_header,
+    start_bundle,
 )
 from starlight_core.delta import (
     DeltaPlan,
@@ -169,8 +168,8 @@ class BundlePlanner:
                     targets, metas, delta.targets, strict=True
                 )
             ]
-            header = build_header(delta, images, resume=request.resumes)
-            return delta, header, encode_header(header)
+            header, header_bytes = start_bundle(delta, images, resume=request.resumes)
+            return delta, header, header_bytes
 
         delta, header, header_bytes = await anyio.to_thread.run_sync(compute)
         self._metrics.plan_seconds.observe(time.monotonic() - start)
