@@ -347,7 +347,6 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    app.state.proxy = holder
     app.add_middleware(_Guard, auth=auth, metrics=metrics)
     return app
 
