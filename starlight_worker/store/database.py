@@ -228,8 +228,7 @@ class Database:
                 ),
             )
             db.executemany(
-                "INSERT INTO contents (layer_key, node, digest, size, name)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO contents (layer_key, node, digest, size, name) VALUES (?, ?, ?, ?, ?)",
                 [(key, *row) for row in rows],
             )
 

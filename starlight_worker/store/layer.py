@@ -416,11 +416,19 @@ class LayerHandle:
 
     def _setxattr(self, target: int | bytes, key: str, value: bytes, node: PlanNode) -> None:
         try:
-            os.setxattr(target, key, value, follow_symlinks=False)
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno == errno.EPERM and key.startswith("user.") and node.kind not in (
-                NodeKind.FILE,
-                NodeKind.DIR,
+            if (
+                exc.errno == errno.EPERM
+                and key.startswith("user.")
+                and node.kind
+                not in (
+                    NodeKind.FILE,
+                    NodeKind.DIR,
+                )
             ):
                 return  # only files and directories take user.* xattrs (containerd skips too)
             if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):

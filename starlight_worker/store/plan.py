@@ -208,9 +208,7 @@ class _Builder:
             if node is None or node.kind is not NodeKind.DIR:
                 if node is not None:
                     self._remove(path)
-                node = PlanNode(
-                    NodeKind.DIR, mode=IMPLIED_MODE, implied=True, made_implied=True
-                )
+                node = PlanNode(NodeKind.DIR, mode=IMPLIED_MODE, implied=True, made_implied=True)
                 self._insert(path, node)
             current = node
         return current
@@ -320,11 +318,7 @@ class _Builder:
         check_name(entry.linkname, "hard link target")
         # Resolved before the parents are made: the target is what the layer held so far.
         node = self.names.get(entry.linkname)
-        if (
-            node is None
-            or node.kind in (NodeKind.DIR, NodeKind.WHITEOUT)
-            or entry.linkname == name
-        ):
+        if node is None or node.kind in (NodeKind.DIR, NodeKind.WHITEOUT) or entry.linkname == name:
             raise self._corrupt(
                 entry,
                 f"hard link to {entry.linkname!r}, which is not a non-directory entry "
