@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import IO
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from starlight_core import oci, wire
 from starlight_core.bundle import (

@@ -118,7 +118,7 @@ class DaemonProcess:
         )
         try:
             wait_for(
-                lambda: (self._check_alive() and os.path.exists(self.control_socket)),
+                lambda: self._check_alive() and os.path.exists(self.control_socket),
                 timeout=_START_TIMEOUT,
                 what="starlight-daemon",
             )

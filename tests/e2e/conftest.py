@@ -35,11 +35,15 @@ class Stack:
 
     def cli(self, *args: str) -> tuple[int, str, str]:
         """Run ctr-starlight against this stack's proxy and daemon."""
-        result = CliRunner().invoke(cli, list(args), env={
-            "STARLIGHT_PROXY": self.proxy.url,
-            "STARLIGHT_DAEMON_SOCKET": self.daemon.control_socket,
-            "STARLIGHT_CLI_CONFIG": "/nonexistent",
-        })
+        result = CliRunner().invoke(
+            cli,
+            list(args),
+            env={
+                "STARLIGHT_PROXY": self.proxy.url,
+                "STARLIGHT_DAEMON_SOCKET": self.daemon.control_socket,
+                "STARLIGHT_CLI_CONFIG": "/nonexistent",
+            },
+        )
         return result.exit_code, result.stdout, result.stderr
 
     def pull(self, ref: Reference, *args: str) -> str:
@@ -109,8 +113,14 @@ def publish(stack: Stack) -> Publish:
         asyncio.run(push())
         converted = source.with_tag(f"{tag}-starlight")
         code, _, err = stack.cli(
-            "convert", "-q", "--plain-http", "--chunk-size", chunk_size, "--notify",
-            str(source), str(converted),
+            "convert",
+            "-q",
+            "--plain-http",
+            "--chunk-size",
+            chunk_size,
+            "--notify",
+            str(source),
+            str(converted),
         )
         assert code == 0, err
         return source, converted
