@@ -11,6 +11,7 @@ from starlight_core.errors import DigestMismatch, InvalidDigest
 __all__ = ["EMPTY_SHA256", "Digest", "DigestVerifier", "sha256_digest"]
 
 _HEX_LENGTHS: Final = {"sha256": 64, "sha512": 128}
+_FAST_RE: Final = re.compile(r"sha256:[0-9a-f]{64}\Z|sha512:[0-9a-f]{128}\Z")
 _DIGEST_RE: Final = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 
 
@@ -26,6 +27,8 @@ class Digest(str):
     def __new__(cls, value: str) -> Digest:
         if isinstance(value, Digest):
             return value
+        if type(value) is str and _FAST_RE.match(value):
+            return super().__new__(cls, value)
         if not isinstance(value, str):
             raise InvalidDigest(f"digest must be a string, not {type(value).__name__}")
         match = _DIGEST_RE.match(value)
