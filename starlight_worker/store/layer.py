@@ -119,9 +119,10 @@ class LayerHandle:
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._present: set[int] = set()
         self._unsynced: set[int] = set()
-        self._implied_times: dict[int, int] = {}
-        """Implied directories that keep their lower directory's time (nothing was created in
-        them, as when a layer only marks a directory opaque), by node index."""
+        self._lower_timed: set[int] = set()
+        """Implied directories that keep their lower directory's time (nothing is created in
+        them, as when a layer only marks a directory opaque), by node index: read again at
+        ``finalize``, when the lower layer's directory times are final (if it is complete)."""
 
     def __repr__(self) -> str:
         return f"<LayerHandle {self.key} {self._state.value}>"
@@ -567,7 +568,7 @@ class LayerHandle:
                         node, mode=lower.mode, uid=lower.uid, gid=lower.gid, xattrs={}
                     )
                     if not node.has_children:
-                        self._implied_times[node.index] = lower.mtime_ns
+                        self._lower_timed.add(node.index)
                 described = attrs.evolve(described, xattrs={**lower.xattrs, **node.xattrs})
         self._describe_at(dir_fd, base, described)
         if node.opaque:
@@ -660,6 +661,7 @@ class LayerHandle:
 
     def _set_dir_times(self, plan: LayerPlan) -> None:
         fs_fd = beneath.open_dir(self.fs_dir)
+        lower_fds = self._open_lowers() if self._lower_timed else []
         try:
             with DirCache(fs_fd) as dirs:
                 # Children before parents (a plan lists parents first); setting a time does
@@ -668,8 +670,9 @@ class LayerHandle:
                     if node.kind is not NodeKind.DIR:
                         continue
                     mtime = node.mtime_ns if not node.implied else None
-                    if mtime is None:
-                        mtime = self._implied_times.get(node.index)
+                    if node.index in self._lower_timed:
+                        lower = self._lower_dir(_name(node.names[0]), lower_fds)
+                        mtime = lower.mtime_ns if lower is not None else None
                     if mtime is None:
                         continue  # implied: the time it was last changed, as containerd's
                     parent, base = split(_name(node.names[0]))
@@ -677,6 +680,8 @@ class LayerHandle:
                              follow_symlinks=False)  # fmt: skip
         finally:
             os.close(fs_fd)
+            for fd in lower_fds:
+                os.close(fd)
 
     def _write_marker(self) -> None:
         tmp = self.layer_dir / f"{COMPLETE_MARKER}.tmp"

@@ -23,6 +23,9 @@ there we follow ``starlight_core.fsview``, which the FUSE view and delta plannin
 * ``trusted.*`` xattrs in entries are dropped (containerd refuses admin attributes from layers;
   honouring them would let a layer forge overlayfs' own ``trusted.overlay.*`` markers).
 * Times before the epoch become the epoch (containerd's ``boundTime``).
+* containerd sets directory times after the whole layer, once per directory entry, on whatever
+  holds that name by then: a file that replaced a directory of the layer gets the directory
+  entry's time. We do the same, except through a symlink (containerd would follow it).
 
 Names are validated here: an absolute name, an empty, ``.`` or ``..`` component, a NUL byte, or a
 whiteout of ``.``/``..`` raises ``UnsafePath`` before anything touches the disk.
@@ -172,6 +175,8 @@ class _Builder:
         self.names: dict[str, PlanNode] = {"": self.root}
         """Every name in the tree, in creation order (a parent before what it holds)."""
         self.children: dict[str, set[str]] = {"": set()}
+        self.dir_times: dict[str, int] = {}
+        """The time of the last directory entry of each name (see the module docstring)."""
 
     def _corrupt(self, entry: Entry, why: str) -> CorruptLayer:
         return CorruptLayer(f"layer {self._toc.layer.diff_id}: entry {entry.name!r}: {why}")
@@ -261,6 +266,7 @@ class _Builder:
             self._ensure_dir(parent)
         existing = self.names.get(name)
         if kind is EntryType.DIR:
+            self.dir_times[name] = _bound_time(entry.mtime_ns)
             if existing is not None and existing.kind is NodeKind.DIR:
                 existing.implied = False
                 self._describe(existing, entry)
@@ -333,6 +339,10 @@ class _Builder:
         self._describe(node, entry)
 
     def finish(self) -> LayerPlan:
+        for name, mtime_ns in self.dir_times.items():
+            node = self.names.get(name)
+            if node is not None and node.kind not in (NodeKind.DIR, NodeKind.SYMLINK):
+                node.mtime_ns = mtime_ns
         nodes: list[PlanNode] = []
         contents: dict[Digest, list[int]] = {}
         self.root.has_children = bool(self.children[""])

@@ -23,6 +23,7 @@ __all__ = [
     "Layer",
     "Meta",
     "contents_of",
+    "differences",
     "dir_entry",
     "entries_layer",
     "file_entry",
@@ -61,9 +62,10 @@ def contents_of(blob: bytes, toc: TOC) -> dict[Digest, bytes]:
     return found
 
 
-def tar_layer(members: Sequence[TarMember], *, chunk_size: int | None = None) -> Layer:
-    """A layer as the proxy knows it: the tar converted, its TOC and its contents."""
-    tar = build_tar(members)
+def tar_layer(members: Sequence[TarMember] | bytes, *, chunk_size: int | None = None) -> Layer:
+    """A layer as the proxy knows it (from tar members or a tar): converted, its TOC and its
+    contents."""
+    tar = members if isinstance(members, bytes) else build_tar(members)
     blob, toc = convert_bytes(tar, chunk_size=chunk_size)
     return Layer(toc, contents_of(blob, toc))
 
@@ -171,6 +173,21 @@ def snapshot(
             inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
     links = {frozenset(names) for names in inodes.values() if len(names) > 1}
     return found, links
+
+
+def differences(
+    ours: tuple[dict[bytes, Meta], set[frozenset[bytes]]],
+    theirs: tuple[dict[bytes, Meta], set[frozenset[bytes]]],
+) -> list[str]:
+    """Readable differences between two ``snapshot`` results (empty when equal)."""
+    problems = []
+    for name in sorted(set(ours[0]) | set(theirs[0])):
+        a, b = ours[0].get(name), theirs[0].get(name)
+        if a != b:
+            problems.append(f"{name!r}: ours {a} != theirs {b}")
+    if ours[1] != theirs[1]:
+        problems.append(f"hard links: ours {sorted(ours[1])} != theirs {sorted(theirs[1])}")
+    return problems
 
 
 def _walk(base: bytes, rel: bytes) -> Iterator[bytes]:

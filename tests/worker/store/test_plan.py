@@ -37,14 +37,17 @@ def test_nodes_come_after_their_parents_and_contents_are_indexed() -> None:
         assert node.name.rpartition("/")[0] in seen, node.name
         seen.add(node.name)
     nodes = by_name(plan)
-    assert nodes["a"].mode == 0o700 and not nodes["a"].implied
+    assert nodes["a"].mode == 0o700
+    assert not nodes["a"].implied
     assert nodes["a"].made_implied  # made as a parent first: containerd copied xattrs then
-    assert nodes["a/b"].implied and nodes["a/b"].mode == 0o755
+    assert nodes["a/b"].implied
+    assert nodes["a/b"].mode == 0o755
     # One digest, two files (distinct inodes); the empty file needs no content.
     assert len(plan.contents) == 1
     (indexes,) = plan.contents.values()
     assert sorted(plan.nodes[i].name for i in indexes) == ["a/b/c", "x"]
-    assert plan.files_total == 2 and plan.bytes_total == 8
+    assert plan.files_total == 2
+    assert plan.bytes_total == 8
     assert not nodes["empty"].has_content
 
 
@@ -53,13 +56,20 @@ def test_a_later_entry_replaces_an_earlier_one_subtree_included() -> None:
         dir_entry("d"),
         file_entry("d/inner", b"gone with d"),
         file_entry("d", b"now a file", mtime_ns=T),
+        dir_entry("e", mtime_ns=T + 1),
+        Entry("e", EntryType.SYMLINK, linkname="d", mtime_ns=T + 2),
         file_entry("f", b"first"),
         Entry("f", EntryType.SYMLINK, linkname="target"),
     )
     nodes = by_name(plan)
     assert "d/inner" not in nodes
-    assert nodes["d"].kind is NodeKind.FILE and nodes["d"].mtime_ns == T
-    assert nodes["f"].kind is NodeKind.SYMLINK and nodes["f"].target == "target"
+    # containerd sets the times of directory entries last, by name: the file that replaced
+    # the directory gets the directory entry's time.
+    assert nodes["d"].kind is NodeKind.FILE
+    assert nodes["d"].mtime_ns == 0
+    assert nodes["f"].kind is NodeKind.SYMLINK
+    assert nodes["f"].target == "target"
+    assert nodes["e"].mtime_ns == T + 2  # never through a symlink
     assert plan.files_total == 1
 
 
@@ -82,7 +92,8 @@ def test_a_non_directory_parent_becomes_an_implied_directory() -> None:
         file_entry("lib/passwd", b"never written through the symlink"),
     )
     nodes = by_name(plan)
-    assert nodes["lib"].kind is NodeKind.DIR and nodes["lib"].implied
+    assert nodes["lib"].kind is NodeKind.DIR
+    assert nodes["lib"].implied
     assert nodes["lib/passwd"].kind is NodeKind.FILE
 
 
@@ -99,7 +110,8 @@ def test_whiteouts_and_opaque_markers() -> None:
     )
     nodes = by_name(plan)
     gone = nodes["a/gone"]
-    assert gone.kind is NodeKind.WHITEOUT and (gone.uid, gone.gid) == (3, 4)
+    assert gone.kind is NodeKind.WHITEOUT
+    assert (gone.uid, gone.gid) == (3, 4)
     assert gone.mtime_ns is None  # containerd leaves the device's time as made
     assert nodes["a"].implied
     assert nodes["held"].kind is NodeKind.FILE  # a whiteout of a held name is ignored
@@ -132,7 +144,8 @@ def test_a_hard_link_shares_the_inode_and_its_header_applies_to_it() -> None:
     # chown drops the capability the link header does not carry again.
     assert (ping.mode, ping.uid, ping.mtime_ns) == (0o755, 7, T + 5)
     assert ping.xattrs == {"user.x": b"1"}
-    assert nodes["b"].names == ["b"] and nodes["b"].size == 3
+    assert nodes["b"].names == ["b"]
+    assert nodes["b"].size == 3
     assert nodes["a"] is not nodes["b"]
     assert len(plan.contents) == 3
 
@@ -146,7 +159,8 @@ def test_trusted_xattrs_are_dropped_and_times_are_bounded() -> None:
     nodes = by_name(plan)
     assert nodes["f"].xattrs == {"user.ok": b"1"}
     assert nodes["f"].mtime_ns == 0
-    assert nodes["d"].xattrs == {} and nodes["d"].mtime_ns == 0
+    assert nodes["d"].xattrs == {}
+    assert nodes["d"].mtime_ns == 0
 
 
 @pytest.mark.parametrize(

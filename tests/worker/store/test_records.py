@@ -46,21 +46,28 @@ def test_images_newest_first_and_completion(store: Store) -> None:
     images = store.images()
     assert [i.reference for i in images] == ["example.com/b:1", "example.com/a:1"]
     b = images[0]
-    assert b.namespace == "k8s.io" and b.layers == (KEY_A, KEY_B)
+    assert b.namespace == "k8s.io"
+    assert b.layers == (KEY_A, KEY_B)
     assert b.platform == str(Platform.parse("linux/arm64/v8")) == "linux/arm64"
-    assert b.manifest == b'{"manifest": true}' and b.config == b'{"config": true}'
-    assert not b.complete and b.completed_at is None
+    assert b.manifest == b'{"manifest": true}'
+    assert b.config == b'{"config": true}'
+    assert not b.complete
+    assert b.completed_at is None
     assert abs(b.pulled_at - time.time()) < 60
     store.mark_image_complete("example.com/b:1")
     image = store.image("example.com/b:1")
-    assert image is not None and image.complete and image.completed_at is not None
+    assert image is not None
+    assert image.complete
+    assert image.completed_at is not None
     assert store.image("example.com/b:1", namespace="default") is None
     with pytest.raises(ImageNotFound):
         store.mark_image_complete("example.com/nope:1")
     # Recording again (a new pull of the same reference) starts it over.
     record(store, "example.com/b:1", [KEY_B], namespace="k8s.io")
     image = store.image("example.com/b:1")
-    assert image is not None and not image.complete and image.layers == (KEY_B,)
+    assert image is not None
+    assert not image.complete
+    assert image.layers == (KEY_B,)
     assert store.unused_layers() == []  # no layer in the store at all
     assert store.remove_image("example.com/a:1")
     assert not store.remove_image("example.com/a:1")
@@ -82,7 +89,8 @@ def test_images_count_what_is_local(store: Store) -> None:
     assert (image.bytes_total, image.bytes_local) == (16, 6)
     place_bytes(store, handle, sha256_digest(b"c" * 10), b"c" * 10)
     image = store.image("example.com/app:1")
-    assert image is not None and (image.files_local, image.bytes_local) == (3, 16)
+    assert image is not None
+    assert (image.files_local, image.bytes_local) == (3, 16)
     assert store.layer_counts() == (2, 1)
     handle.finalize()
     assert store.layer_counts() == (2, 2)
@@ -94,7 +102,8 @@ def test_images_count_what_is_local(store: Store) -> None:
 def test_pulls_survive_a_restart(store_root: Path) -> None:
     with Store(store_root) as store:
         pull = store.start_pull("example.com/a:1", namespace="default")
-        assert pull.state is PullState.RUNNING and pull.bundle_id == ""
+        assert pull.state is PullState.RUNNING
+        assert pull.bundle_id == ""
         store.update_pull(pull.id, bundle_id="b-123", header=b"HEADER", header_size=6)
         store.update_pull(pull.id, offset=4096, bytes_received=5000)
         done = store.start_pull("example.com/b:1", namespace="k8s.io", bundle_id="b-9")
@@ -115,7 +124,8 @@ def test_pulls_survive_a_restart(store_root: Path) -> None:
             "example.com/c:1", "example.com/b:1", "example.com/a:1",
         ]  # fmt: skip
         (bad,) = store.pulls(PullState.FAILED)
-        assert bad.error == "proxy unavailable" and bad.finished_at is not None
+        assert bad.error == "proxy unavailable"
+        assert bad.finished_at is not None
         assert store.pull(done.id).state is PullState.DONE
         assert store.forget_pulls(older_than=3600) == 0
         assert store.forget_pulls(older_than=-1) == 2
