@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 import attrs
@@ -341,3 +342,44 @@ register(_bundle.ResumeInfo, forbid_extra_keys=True)
 register(_bundle.BundleHeader, forbid_extra_keys=True, always=("version", "local"))
 register(_bundle.EndRecord, forbid_extra_keys=True)
 register(_bundle.ErrorRecord, forbid_extra_keys=True)
+
+# --- traces ---------------------------------------------------------------------------------
+# Imported here, not at the top: ``starlight_core.trace.codec`` itself uses this module.
+from starlight_core.trace import record as _trace  # noqa: E402
+
+
+def _structure_time(value: Any, _: Any) -> datetime:
+    # RFC 3339 with an offset: a time without one means nothing to a proxy in another zone.
+    if not isinstance(value, str):
+        raise InvalidInput("a time is an RFC 3339 string such as 2024-05-01T12:00:00Z")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{value!r} is not an RFC 3339 time") from exc
+    if parsed.tzinfo is None:
+        raise InvalidInput(f"{value!r} has no UTC offset (RFC 3339 needs one, e.g. Z)")
+    return parsed
+
+
+def _unstructure_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+converter.register_structure_hook(datetime, _structure_time)
+converter.register_unstructure_hook(datetime, _unstructure_time)
+
+
+def _structure_layer_ref(value: Any, _: Any) -> _trace.LayerRef:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return Digest(value)
+    raise InvalidInput("a layer is an index (a non-negative integer) or a diff_id (a digest)")
+
+
+converter.register_structure_hook_func(
+    lambda type_: type_ == _trace.LayerRef, _structure_layer_ref
+)
+register(_trace.TracedImage, forbid_extra_keys=True)
+register(_trace.TraceHeader, forbid_extra_keys=True, always=("version",))
+register(_trace.FileAccess, forbid_extra_keys=True, omit_if_default=False)
