@@ -17,7 +17,7 @@ import attrs
 from starlight_core.digest import Digest, sha256_digest
 from starlight_core.layer.toc import TOC, Entry, EntryType, LayerInfo
 from starlight_core.testing import TarMember, build_tar, convert_bytes
-from starlight_worker.store import LayerHandle, Store
+from starlight_worker.store import LayerHandle, NodeKind, Store, plan_layer
 
 __all__ = [
     "Layer",
@@ -32,6 +32,7 @@ __all__ = [
     "place_bytes",
     "snapshot",
     "tar_layer",
+    "untimed_names",
 ]
 
 _MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -86,6 +87,25 @@ def entries_layer(*items: Entry | tuple[Entry, bytes], salt: str = "") -> Layer:
         entries.append(entry)
     ident = sha256_digest((salt + repr(entries)).encode("utf-8", "surrogateescape"))
     return Layer(TOC(LayerInfo(ident, 1, ident, _MEDIA_TYPE), tuple(entries)), contents)
+
+
+def untimed_names(layers: Sequence[Layer]) -> tuple[list[set[bytes]], set[str]]:
+    """Per layer, the names whose times the unpacker makes "now" (implied directories something
+    was created in, whiteout devices); and the merged names whose time is such a layer's."""
+    per_layer: list[set[bytes]] = []
+    topmost_dirs: dict[str, bool] = {}
+    for layer in layers:
+        names: set[bytes] = set()
+        for node in plan_layer(layer.toc).nodes:
+            now = (node.kind is NodeKind.DIR and node.implied and node.has_children) or (
+                node.kind is NodeKind.WHITEOUT
+            )
+            if now:
+                names.update(n.encode("utf-8", "surrogateescape") for n in node.names)
+            if node.kind is NodeKind.DIR:
+                topmost_dirs[node.name] = now
+        per_layer.append(names)
+    return per_layer, {name for name, now in topmost_dirs.items() if now}
 
 
 def place_bytes(store: Store, handle: LayerHandle, digest: Digest, data: bytes) -> list[str]:

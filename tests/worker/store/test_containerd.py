@@ -33,8 +33,15 @@ from benchmarks.services.registry import Registry
 from starlight_core.reference import Reference
 from starlight_core.registry import RegistryClient
 from starlight_core.testing import TarMember, build_tar
-from starlight_worker.store import LayerHandle, NodeKind, Store, plan_layer
-from tests.worker.store.support import Layer, differences, fill, overlay, snapshot, tar_layer
+from starlight_worker.store import LayerHandle, Store
+from tests.worker.store.support import (
+    differences,
+    fill,
+    overlay,
+    snapshot,
+    tar_layer,
+    untimed_names,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -122,25 +129,6 @@ def _lowerdirs(target: Path) -> list[Path]:
     raise AssertionError(f"no overlay with lowerdirs at {target}")
 
 
-def _untimed(layers: Sequence[Layer]) -> tuple[list[set[bytes]], set[str]]:
-    """Per layer, the names whose times the unpacker makes "now" (implied directories something
-    was created in, whiteout devices); and the merged names whose time is such a layer's."""
-    per_layer: list[set[bytes]] = []
-    topmost_dirs: dict[str, bool] = {}
-    for layer in layers:
-        names: set[bytes] = set()
-        for node in plan_layer(layer.toc).nodes:
-            now = (node.kind is NodeKind.DIR and node.implied and node.has_children) or (
-                node.kind is NodeKind.WHITEOUT
-            )
-            if now:
-                names.update(n.encode("utf-8", "surrogateescape") for n in node.names)
-            if node.kind is NodeKind.DIR:
-                topmost_dirs[node.name] = now
-        per_layer.append(names)
-    return per_layer, {name for name, now in topmost_dirs.items() if now}
-
-
 def _without_times(tree: dict[str, Node], names: set[str]) -> dict[str, Node]:
     return {k: attrs.evolve(v, mtime_ns=None) if k in names else v for k, v in tree.items()}
 
@@ -151,7 +139,7 @@ def _compare(
     reference = _push(registry, tars, name)
     containerd.ctr("images", "pull", "--plain-http", str(reference))
     layers = [tar_layer(tar, chunk_size=64 * 1024) for tar in tars]
-    untimed_layers, untimed_merged = _untimed(layers)
+    untimed_layers, untimed_merged = untimed_names(layers)
 
     theirs_mount = tmp_path / "containerd"
     theirs_mount.mkdir()
