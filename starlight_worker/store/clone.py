@@ -18,8 +18,9 @@ __all__ = ["clone_file"]
 FICLONE: Final = 0x40049409
 """``_IOW(0x94, 9, int)`` from ``linux/fs.h``."""
 _NOT_HERE: Final = frozenset(
-    {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EBADF}
+    {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 )
+"""What a filesystem (or kernel) answers when it cannot do that kind of copy."""
 _STEP: Final = 1 << 30
 
 

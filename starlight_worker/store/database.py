@@ -238,21 +238,25 @@ class Database:
         if not nodes:
             return
         with self.transaction() as db:
+            # Counters move by what changed: recounting the layer at each placement would make
+            # filling a layer of n files cost n².
+            files = size = 0
             for start in range(0, len(nodes), _BATCH):
                 batch = nodes[start : start + _BATCH]
-                marks = ",".join("?" * len(batch))
-                db.execute(
-                    "UPDATE contents SET present = 1 WHERE layer_key = ? AND present = 0"
-                    f" AND node IN ({marks})",
+                where = f"layer_key = ? AND NOT present AND node IN ({','.join('?' * len(batch))})"
+                count, total = db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM contents WHERE {where}",
                     (key, *batch),
+                ).fetchone()
+                db.execute(f"UPDATE contents SET present = 1 WHERE {where}", (key, *batch))
+                files += count
+                size += total
+            if files:
+                db.execute(
+                    "UPDATE layers SET files_local = files_local + ?,"
+                    " bytes_local = bytes_local + ? WHERE key = ?",
+                    (files, size, key),
                 )
-            db.execute(
-                "UPDATE layers SET"
-                " files_local = (SELECT COUNT(*) FROM contents WHERE layer_key = ?1 AND present),"
-                " bytes_local = (SELECT COALESCE(SUM(size), 0) FROM contents"
-                " WHERE layer_key = ?1 AND present) WHERE key = ?1",
-                (key,),
-            )
 
     def complete_layer(self, key: str) -> None:
         with self.transaction() as db:

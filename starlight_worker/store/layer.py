@@ -190,6 +190,7 @@ class LayerHandle:
         deleted) on success; on an error it is left where it was, for a retry."""
         digest = Digest(digest)
         staged = Path(staged)
+        self._check_open()
         transition(self._state, LayerEvent.PLACE, self.key)
         if not self._pending(digest):
             if not keep:
@@ -222,6 +223,7 @@ class LayerHandle:
         """Fill every name needing ``digest`` from a present file with that content anywhere
         in the store; ``NotFound`` if there is none. Returns the names now present."""
         digest = Digest(digest)
+        self._check_open()
         transition(self._state, LayerEvent.PLACE, self.key)
         if not self._pending(digest):
             return []
@@ -241,6 +243,7 @@ class LayerHandle:
         with self._lock:
             if self._state is LayerState.COMPLETE:
                 return
+            self._check_open()
             new_state = transition(self._state, LayerEvent.FINALIZE, self.key)
             plan = self._plan
             assert plan is not None
@@ -260,6 +263,11 @@ class LayerHandle:
         log.info("layer %s complete", self.key)
 
     # -- internals: contents ---------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        # Its descriptors are gone (and their numbers may be reused): never touch them.
+        if self._store.closed:
+            raise FailedPrecondition(f"layer {self.key}: the store is closed")
 
     @contextmanager
     def _stripe(self, digest: Digest) -> Iterator[None]:
@@ -490,7 +498,7 @@ class LayerHandle:
                         if not fresh and self._probe(dirs, node):
                             present.add(node.index)
                     else:
-                        self._build_leaf(dir_fd, base, node, fresh)
+                        self._build_leaf(dirs, dir_fd, name, base, node, fresh)
                 node = None
                 for node in plan.nodes:
                     if len(node.names) > 1 and not node.has_content:
@@ -574,13 +582,16 @@ class LayerHandle:
         if node.opaque:
             os.setxattr(proc_path(dir_fd, base), OPAQUE_XATTR, b"y", follow_symlinks=False)
 
-    def _build_leaf(self, dir_fd: int, base: bytes, node: PlanNode, fresh: bool) -> None:
+    def _build_leaf(
+        self, dirs: DirCache, dir_fd: int, name: bytes, base: bytes, node: PlanNode, fresh: bool
+    ) -> None:
         try:
             self._create_leaf(dir_fd, base, node)
         except FileExistsError:
             st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
             if fresh or not self._matches(dir_fd, base, node, st):
                 _remove_at(dir_fd, base, st)
+                dirs.forget(name)
                 self._create_leaf(dir_fd, base, node)
         self._describe_at(dir_fd, base, node)
 

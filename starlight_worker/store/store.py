@@ -137,8 +137,13 @@ class Store:
             else:
                 child.unlink()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        """Close the database and release the store; handles become unusable. Idempotent."""
+        """Close the database and release the store; handles become unusable. Idempotent.
+        Call it once no other thread uses the store any more."""
         with self._lock:
             if self._closed:
                 return
@@ -238,7 +243,8 @@ class Store:
             state = self.state(key)
             if state is LayerState.COMPLETE:
                 handle = LayerHandle(self, key, toc, None, LayerState.COMPLETE)
-                self._handles[key] = handle
+                with self._lock:
+                    self._handles[key] = handle
                 return handle
             transition(state, LayerEvent.BEGIN, key)
             plan = plan_layer(toc)
@@ -267,7 +273,8 @@ class Store:
             )
             handle = LayerHandle(self, key, toc, plan, LayerState.RECEIVING, lower)
             handle._build()
-            self._handles[key] = handle
+            with self._lock:
+                self._handles[key] = handle
             return handle
 
     def open_layer(self, key: str) -> LayerHandle:
@@ -325,7 +332,8 @@ class Store:
                 hint="remove those images first",
             )
         with self._key_lock(key):
-            handle = self._handles.pop(key, None)
+            with self._lock:
+                handle = self._handles.pop(key, None)
             if handle is not None:
                 handle._mark_removed()
             removed = self._db.remove_layer(key)
