@@ -377,9 +377,44 @@ def _structure_layer_ref(value: Any, _: Any) -> _trace.LayerRef:
     raise InvalidInput("a layer is an index (a non-negative integer) or a diff_id (a digest)")
 
 
-converter.register_structure_hook_func(
-    lambda type_: type_ == _trace.LayerRef, _structure_layer_ref
-)
+converter.register_structure_hook_func(lambda type_: type_ == _trace.LayerRef, _structure_layer_ref)
+
+
+def _exact_str(value: Any, _: Any) -> str:
+    # cattrs' own str hook would turn 5 into "5": traces come from outside, so types are exact.
+    if not isinstance(value, str):
+        raise InvalidInput(f"expected a string, not {type(value).__name__}")
+    return value
+
+
+def _exact_optional_str(value: Any, type_: Any) -> str | None:
+    return None if value is None else _exact_str(value, type_)
+
+
+def _exact_int(value: Any, _: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"expected an integer, not {type(value).__name__}")
+    return value
+
+
+def _register_exact(cls: type[Any], **hooks: Any) -> None:
+    """A strict format's structure hook with exact types for the fields named."""
+    overrides = {name: override(struct_hook=hook) for name, hook in hooks.items()}
+    converter.register_structure_hook(
+        cls, make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **overrides)
+    )
+
+
 register(_trace.TracedImage, forbid_extra_keys=True)
 register(_trace.TraceHeader, forbid_extra_keys=True, always=("version",))
 register(_trace.FileAccess, forbid_extra_keys=True, omit_if_default=False)
+_register_exact(_trace.TracedImage, reference=_exact_str)
+_register_exact(
+    _trace.TraceHeader,
+    version=_exact_int,
+    trace_id=_exact_str,
+    container_id=_exact_str,
+    group=_exact_optional_str,
+    worker=_exact_optional_str,
+)
+_register_exact(_trace.FileAccess, offset_ns=_exact_int, path=_exact_str)

@@ -204,6 +204,8 @@ class TraceDecoder:
         return self._header
 
     def _decode_access(self, data: object, number: int) -> FileAccess:
+        if not isinstance(data, dict):
+            raise InvalidInput(f"trace line {number}: an access must be a JSON object")
         access = _structure(data, FileAccess, "access", number)
         if access.offset_ns < self._previous:
             raise InvalidInput(
