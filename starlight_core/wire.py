@@ -399,7 +399,7 @@ def _exact_int(value: Any, _: Any) -> int:
 
 def _register_exact(cls: type[Any], **hooks: Any) -> None:
     """A strict format's structure hook with exact types for the fields named."""
-    overrides = {name: override(struct_hook=hook) for name, hook in hooks.items()}
+    overrides: dict[str, Any] = {name: override(struct_hook=hook) for name, hook in hooks.items()}
     converter.register_structure_hook(
         cls, make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **overrides)
     )
