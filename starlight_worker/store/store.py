@@ -250,10 +250,14 @@ class Store:
             plan = plan_layer(toc)
             fingerprint = toc_fingerprint(toc)
             record = self._db.layer(key)
+            layer_dir = self.layer_dir(key)
             if record is not None:
                 self._check_same(key, toc, fingerprint)
                 lower = lower or record.lower
-            layer_dir = self.layer_dir(key)
+            elif os.path.lexists(layer_dir):
+                # Left by a begin that stopped before the database knew of it: no content can
+                # have been placed yet, and it may hold another TOC's tree. Start afresh.
+                self._discard(key, layer_dir)
             try:
                 layer_dir.mkdir(mode=0o700, exist_ok=True)
                 tmp = layer_dir / f"{TOC_FILE}.tmp"
@@ -339,14 +343,18 @@ class Store:
             removed = self._db.remove_layer(key)
             layer_dir = self.layer_dir(key)
             if os.path.lexists(layer_dir):
-                trash = self.trash_dir / f"{key}.{uuid.uuid4().hex}"
-                try:
-                    os.rename(layer_dir, trash)
-                    shutil.rmtree(trash)
-                except OSError as exc:
-                    raise disk_error(exc, f"removing layer {key}") from exc
+                self._discard(key, layer_dir)
                 removed = True
         return removed
+
+    def _discard(self, key: str, layer_dir: Path) -> None:
+        # Renamed away first: nobody sees a half-deleted layer at its name.
+        trash = self.trash_dir / f"{key}.{uuid.uuid4().hex}"
+        try:
+            os.rename(layer_dir, trash)
+            shutil.rmtree(trash)
+        except OSError as exc:
+            raise disk_error(exc, f"removing layer {key}") from exc
 
     def unused_layers(self) -> list[str]:
         """Layers no recorded image uses (what garbage collection may remove)."""

@@ -214,3 +214,18 @@ def test_one_process_at_a_time(store_root: Path) -> None:
     with Store(store_root), pytest.raises(FailedPrecondition, match="in use"):
         Store(store_root)
     Store(store_root).close()  # released on close
+
+
+def test_a_tree_the_database_never_heard_of_is_rebuilt_from_scratch(store_root: Path) -> None:
+    other = entries_layer(file_entry("stale", b"from another TOC"), file_entry("keep", b"k"))
+    with Store(store_root) as store:
+        fill(store, other)
+    # As if a begin of LAYER (same key) stopped after writing its TOC and part of a tree.
+    layer_dir = store_root / "layers" / LAYER.key
+    (store_root / "layers" / other.key).rename(layer_dir)
+    with Store(store_root) as store:
+        assert store.state(LAYER.key) is LayerState.ABSENT
+        handle = store.begin_layer(LAYER.toc)
+        assert not (handle.fs_dir / "stale").exists()
+        assert not (layer_dir / "complete").exists()
+        assert sorted(handle.missing()) == sorted(d for d, data in LAYER.contents.items() if data)
