@@ -97,7 +97,7 @@ def test_absorb_one_trace_into_100(benchmark: BenchmarkFixture) -> None:
         current.absorb(trace)
         return current.ranks()
 
-    ranks = benchmark.pedantic(absorb, setup=setup, rounds=20)
+    ranks = benchmark.pedantic(absorb, setup=setup, rounds=20)  # type: ignore[no-untyped-call]
     assert ranks == merge([*old, new]).ranks()
 
 
