@@ -36,6 +36,7 @@ def fidelity_layers() -> list[bytes]:
         TarMember("etc/replaced", data=b"version 1\n", mtime=t),
     ]
     app = [
+        TarMember("usr", kind="dir", mtime=t + 10),
         TarMember("srv", kind="dir", mtime=t + 10),
         TarMember("srv/data", kind="dir", mtime=t + 10),
         TarMember("srv/data/big", data=bytes(range(256)) * 20_000, mtime=t + 10.5),
@@ -74,6 +75,7 @@ def fidelity_layers() -> list[bytes]:
         TarMember("etc/replaced", data=b"version 2\n", mtime=t + 20),
     ]
     top = [
+        TarMember("etc", kind="dir", mtime=t + 30),
         TarMember("etc/app.conf", data=b"answer=42\n", mtime=t + 30),
     ]
     return [build_tar(layer) for layer in (base, app, update, top)]
