@@ -15,6 +15,10 @@ instance gets its own random namespace (``.namespace``, passed by ``ctr()``).
 containerd, unmounts whatever is still mounted below the work directory (task root
 filesystems) and removes the namespace's empty runc state directory and parent cgroups.
 Images, containers and snapshots stay on disk until the work directory is deleted.
+
+``netns`` runs containerd (and so its shims and ``--net-host`` containers) and every ``ctr``
+command (a stock ``ctr images pull`` fetches in the client) inside that network namespace
+(``benchmarks.wan``); only the network namespace changes, mounts stay shared.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from types import TracebackType
 from typing import IO, Final
 
 from benchmarks.services import wait_for
+from benchmarks.wan.netns import netns_argv
 
 __all__ = ["CONTAINERD_BINARY", "CTR_BINARY", "Containerd"]
 
@@ -54,8 +59,10 @@ class Containerd:
         namespace: str | None = None,
         binary: str = CONTAINERD_BINARY,
         ctr_binary: str = CTR_BINARY,
+        netns: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).absolute()
+        self.netns = netns
         self.snapshotter_socket = snapshotter_socket
         self.namespace = namespace or f"starlight-{secrets.token_hex(4)}"
         self.binary = binary
@@ -85,7 +92,7 @@ class Containerd:
         self.config_path.write_text(self.config())
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            [self.binary, "--config", str(self.config_path)],
+            netns_argv(self.netns, [self.binary, "--config", str(self.config_path)]),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -131,7 +138,7 @@ class Containerd:
         ctr-compatible client instead (e.g. ``ctr-remote``, whose ``images rpull`` pulls
         through containerd's unpacker and so through the remote-snapshot protocol)."""
         tool = binary if binary is not None else self.ctr_binary
-        command = [tool, "-a", self.address, "-n", self.namespace, *args]
+        command = netns_argv(self.netns, [tool, "-a", self.address, "-n", self.namespace, *args])
         result = subprocess.run(
             command, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )

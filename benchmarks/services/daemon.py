@@ -4,7 +4,8 @@ The store lives under ``workdir/root``; sockets go to a short directory under ``
 socket paths are limited to 108 bytes). ``stop()`` stops the daemon; ``close()`` also detaches
 every layer from the FUSE server, shuts it down and unmounts what is left, so nothing survives
 the test. ``kill()`` is a ``kill -9`` of the daemon alone (the FUSE server keeps running), as a
-crash would be.
+crash would be. ``netns`` runs the daemon (and the FUSE server it starts) inside that network
+namespace (``benchmarks.wan``); only the network namespace changes, mounts stay shared.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import IO, Final
 
 from benchmarks.services import wait_for
+from benchmarks.wan.netns import netns_argv
 
 __all__ = ["DaemonProcess"]
 
@@ -45,8 +47,10 @@ class DaemonProcess:
         namespace: str = "default",
         content_timeout: float = 60.0,
         extra: dict[str, str] | None = None,
+        netns: str | None = None,
     ) -> None:
         self.workdir = Path(workdir).absolute()
+        self.netns = netns
         self.root = self.workdir / "root"
         self.run_dir = Path(tempfile.mkdtemp(prefix="sl-", dir="/tmp"))
         self.proxy = proxy
@@ -110,7 +114,7 @@ class DaemonProcess:
         self._log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STARLIGHT_")}
         self._process = subprocess.Popen(
-            [_binary(), "--config", str(self.config_path)],
+            netns_argv(self.netns, [_binary(), "--config", str(self.config_path)]),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -4,7 +4,8 @@
 ``starlight-proxy`` of this environment on a free loopback port and waits until
 ``/health-check`` answers. ``database`` defaults to a SQLite file in ``workdir``; pass a
 ``postgresql://`` URL to run replicas on one database. ``pid`` lets benchmarks read its CPU
-time and memory from ``/proc``.
+time and memory from ``/proc``. ``netns`` runs it inside that network namespace
+(``benchmarks.wan``), listening on ``listen``; its readiness is checked from inside too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import IO, Any, Final
 
 from benchmarks.services import free_port, wait_for
+from benchmarks.wan.netns import call_in_netns, netns_argv
 
 __all__ = ["ProxyProcess", "proxy_binary", "render_toml"]
 
@@ -75,14 +77,18 @@ class ProxyProcess:
         settings: Mapping[str, Any] | None = None,
         port: int | None = None,
         env: Mapping[str, str] | None = None,
+        netns: str | None = None,
+        listen: str = "127.0.0.1",
     ) -> None:
         self.workdir = Path(workdir)
+        self.netns = netns
+        self.listen = listen
         self.port = port if port is not None else free_port()
         self.database = database or str(self.workdir / "metadata.db")
         self.config_path = self.workdir / "proxy.toml"
         self.log_path = self.workdir / "proxy.log"
         self._config: dict[str, Any] = {
-            "listen": "127.0.0.1",
+            "listen": listen,
             "port": self.port,
             "database": self.database,
             "log_level": "warning",
@@ -98,7 +104,7 @@ class ProxyProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -119,7 +125,7 @@ class ProxyProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STARLIGHT_PROXY_")}
         env.update(self._env)
         self._process = subprocess.Popen(
-            [proxy_binary(), "--config", str(self.config_path)],
+            netns_argv(self.netns, [proxy_binary(), "--config", str(self.config_path)]),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -127,7 +133,11 @@ class ProxyProcess:
             cwd=self.workdir,
         )
         try:
-            wait_for(self._answers, timeout=_START_TIMEOUT, what=f"starlight-proxy on {self.url}")
+            wait_for(
+                lambda: call_in_netns(self.netns, self._answers),
+                timeout=_START_TIMEOUT,
+                what=f"starlight-proxy on {self.url}",
+            )
         except BaseException:
             self.stop()
             raise

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import IO, Final
 
 from benchmarks.services import free_port, wait_for
+from benchmarks.wan.netns import call_in_netns, netns_argv
 
 __all__ = ["REGISTRY_BINARY", "Registry"]
 
@@ -32,6 +33,8 @@ class Registry:
 
     ``htpasswd=(user, password)`` turns on Basic authentication. ``url`` is the base URL
     (``http://127.0.0.1:PORT``), ``host`` the registry part of image references.
+    ``netns`` runs it inside that network namespace (``benchmarks.wan``), listening on
+    ``listen`` (an address of that namespace); its readiness is checked from inside too.
     """
 
     def __init__(
@@ -41,8 +44,12 @@ class Registry:
         port: int | None = None,
         htpasswd: tuple[str, str] | None = None,
         binary: str = REGISTRY_BINARY,
+        netns: str | None = None,
+        listen: str = "127.0.0.1",
     ) -> None:
         self.workdir = Path(workdir)
+        self.netns = netns
+        self.listen = listen
         self.port = port if port is not None else free_port()
         self.htpasswd = htpasswd
         self.binary = binary
@@ -54,7 +61,7 @@ class Registry:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.listen}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -74,14 +81,18 @@ class Registry:
         self._write_config()
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            [self.binary, "serve", str(self.config_path)],
+            netns_argv(self.netns, [self.binary, "serve", str(self.config_path)]),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
         )
         try:
-            wait_for(self._answers, timeout=_START_TIMEOUT, what=f"docker-registry on {self.host}")
+            wait_for(
+                lambda: call_in_netns(self.netns, self._answers),
+                timeout=_START_TIMEOUT,
+                what=f"docker-registry on {self.host}",
+            )
         except BaseException:
             self.stop()
             raise
