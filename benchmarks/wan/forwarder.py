@@ -102,6 +102,7 @@ class Forwarder:
         self.frames = 0
         self.super_frames = 0
         self.max_segments = 1
+        self.cut_frames = 0  # super-packets of which only the head fitted in the queue
         self.write_errors = 0
         self.last_write_error = ""
 
@@ -128,7 +129,9 @@ class Forwarder:
                 self.super_frames += 1
                 self.max_segments = max(self.max_segments, count)
                 if size > channel.room(now):
-                    frame, count, size = _admit_head(channel, now, frame, count, size)
+                    frame, kept, size = _admit_head(channel, now, frame, count, size)
+                    self.cut_frames += kept < count
+                    count = kept
             channel.offer(now, frame, size, count)
 
     def run(self, control_in: int, on_control: Any) -> None:
@@ -167,6 +170,7 @@ class Forwarder:
             "frames": self.frames,
             "super_frames": self.super_frames,
             "max_segments": self.max_segments,
+            "cut_frames": self.cut_frames,
             "write_errors": self.write_errors,
             "last_write_error": self.last_write_error,
             "up": _channel_stats(self.up),

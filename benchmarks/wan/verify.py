@@ -41,6 +41,7 @@ _ECHO: Final = b"E"
 _SEND: Final = b"S"
 _CHUNK: Final = 64 * 1024
 _TCP_NOTSENT_LOWAT: Final = 25  # linux/tcp.h
+_SERVER_TIMEOUT: Final = 60.0
 # Offsets of u32 fields in the kernel's struct tcp_info (linux/tcp.h).
 _TCP_INFO_SIZE: Final = 232
 _TCPI_SND_MSS: Final = 16
@@ -129,6 +130,7 @@ class _Server:
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
+        connection.settimeout(_SERVER_TIMEOUT)
         with connection:
             try:
                 mode = connection.recv(1)
@@ -196,17 +198,20 @@ def _server(link: WanLink) -> Iterator[_Server]:
         server.close()
 
 
-def _edge_socket(link: WanLink) -> socket.socket:
-    return link.call("edge", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+def _edge_socket(link: WanLink, timeout: float) -> socket.socket:
+    sock = link.call("edge", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    # A dead link (the forwarder gone) fails the verification instead of hanging it.
+    sock.settimeout(timeout)
+    return sock
 
 
 # --- the measurements ----------------------------------------------------------------------
 
 
-def _connect_times(link: WanLink, port: int, samples: int) -> list[float]:
+def _connect_times(link: WanLink, port: int, samples: int, timeout: float) -> list[float]:
     times = []
     for _ in range(samples):
-        with _edge_socket(link) as sock:
+        with _edge_socket(link, timeout) as sock:
             started = time.perf_counter()
             sock.connect((link.cloud_ip, port))
             times.append(time.perf_counter() - started)
@@ -214,9 +219,9 @@ def _connect_times(link: WanLink, port: int, samples: int) -> list[float]:
     return times
 
 
-def _echo(link: WanLink, port: int, samples: int) -> tuple[list[float], float, int]:
+def _echo(link: WanLink, port: int, samples: int, timeout: float) -> tuple[list[float], float, int]:
     """Echo round trips, then the kernel's srtt and MSS of that connection."""
-    with _edge_socket(link) as sock:
+    with _edge_socket(link, timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.connect((link.cloud_ip, port))
         sock.sendall(_ECHO)
@@ -231,9 +236,9 @@ def _echo(link: WanLink, port: int, samples: int) -> tuple[list[float], float, i
     return times, srtt_us / 1000.0, mss
 
 
-def _download(link: WanLink, port: int, seconds: float) -> tuple[int, float]:
+def _download(link: WanLink, port: int, seconds: float, timeout: float) -> tuple[int, float]:
     """(bytes, seconds) of a bulk transfer from cloud to edge, as the edge receives it."""
-    with _edge_socket(link) as sock:
+    with _edge_socket(link, timeout) as sock:
         sock.connect((link.cloud_ip, port))
         sock.sendall(_SEND + struct.pack("!d", seconds))
         received = 0
@@ -281,12 +286,14 @@ def verify_link(
     samples: int = 5,
     transfer_seconds: float | None = None,
     measure_after: float | None = None,
+    timeout: float = 10.0,
 ) -> LinkReport:
     """Measure ``link`` (RTT, throughput, forwarder load) and return the report.
 
     The bulk transfer lasts ``transfer_seconds``; its rate is measured from
     ``measure_after`` seconds on (defaults: ``default_transfer_seconds``, ``ramp_seconds``;
-    with only ``transfer_seconds`` given, its second half).
+    with only ``transfer_seconds`` given, its second half). A socket operation that waits
+    longer than ``timeout`` seconds (plus 20 RTTs) raises ``TimeoutError``: the link is dead.
     """
     config = link.config
     if transfer_seconds is None:
@@ -297,14 +304,15 @@ def verify_link(
         after = seconds / 2 if measure_after is None else measure_after
     if not 0 <= after < seconds:
         raise ValueError(f"measure_after={after} must lie within the {seconds} s transfer")
+    timeout += 20 * config.rtt_ms / 1000
     with _server(link) as server:
         # A first connect also waits out the link coming up (carrier on both devices).
-        _connect_times(link, server.port, 1)
-        connects = _connect_times(link, server.port, samples)
-        echoes, kernel_rtt, mss = _echo(link, server.port, samples)
+        _connect_times(link, server.port, 1, timeout)
+        connects = _connect_times(link, server.port, samples, timeout)
+        echoes, kernel_rtt, mss = _echo(link, server.port, samples, timeout)
         stats_before = link.forwarder_stats()
         wall = time.monotonic()
-        total, elapsed = _download(link, server.port, seconds)
+        total, elapsed = _download(link, server.port, seconds, timeout)
         wall = time.monotonic() - wall
         stats_after = link.forwarder_stats()
         steady = _steady_rate(server.send_marks, mss, after)
