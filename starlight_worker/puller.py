@@ -120,6 +120,14 @@ class _Content:
     received: int = 0
 
 
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a task group failed with (its first leaf: the pull's own tasks fail alone)."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 class Pull:
     """One pull of one image; ``run`` it in a task group, watch it with ``subscribe``."""
 
@@ -206,9 +214,12 @@ class Pull:
 
     async def run(self) -> None:
         try:
-            async with anyio.create_task_group() as tasks:
-                self._tasks = tasks
-                await self._run()
+            try:
+                async with anyio.create_task_group() as tasks:
+                    self._tasks = tasks
+                    await self._run()
+            except BaseExceptionGroup as group:
+                raise _first_error(group) from group
             self._publish(force=True, phase=Phase.COMPLETE, message="complete")
         except StarlightError as exc:
             self.error = exc

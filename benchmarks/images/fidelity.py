@@ -15,7 +15,7 @@ LISTING_COMMAND = [
     "cd / && find . -mindepth 1 -xdev "
     "\\( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run \\) -prune -o -print "
     "| sort | while read -r f; do "
-    "stat -c '%n %F %a %u %g %s %Y %h' \"$f\"; "
+    "stat -c '%n %F %a %u %g %s %Y %h %t:%T' \"$f\"; "
     'if [ -f "$f" ] && [ ! -L "$f" ]; then sha256sum "$f"; fi; '
     'if [ -L "$f" ]; then readlink "$f"; fi; done',
 ]
@@ -66,6 +66,7 @@ def fidelity_layers() -> list[bytes]:
     # mtime is then restored after the whiteouts in it are applied.
     update = [
         TarMember("opt", kind="dir", mtime=t + 20),
+        TarMember("var", kind="dir", mtime=t + 20),
         TarMember("var/cache", kind="dir", mtime=t + 20),
         TarMember("etc", kind="dir", mtime=t + 20),
         TarMember("opt/gone", kind="whiteout", mtime=t + 20),

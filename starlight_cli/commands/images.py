@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 
 import click
+from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
@@ -20,8 +22,9 @@ __all__ = ["images"]
 @click.command()
 @click.option("--socket", help="The daemon's control socket.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print references.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 @reports_errors
-def images(socket: str | None, quiet: bool) -> None:
+def images(socket: str | None, quiet: bool, as_json: bool) -> None:
     """List the images pulled through starlight."""
     config = load_config(daemon_socket=socket)
 
@@ -31,6 +34,10 @@ def images(socket: str | None, quiet: bool) -> None:
             return response
 
     response = asyncio.run(run())
+    if as_json:
+        rows = [MessageToDict(image, preserving_proto_field_name=True) for image in response.images]
+        click.echo(json.dumps(rows, indent=2))
+        return
     if quiet:
         for image in response.images:
             click.echo(image.reference)

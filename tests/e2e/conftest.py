@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from benchmarks.images.build import push_image
 from benchmarks.services.containerd import Containerd
 from benchmarks.services.daemon import DaemonProcess
+from benchmarks.services.faulty import FaultyProxy
 from benchmarks.services.proxy import ProxyProcess
 from benchmarks.services.registry import Registry
 from starlight_cli.main import cli
@@ -30,6 +31,8 @@ from starlight_core.registry import RegistryClient
 class Stack:
     registry: Registry
     proxy: ProxyProcess
+    link: FaultyProxy
+    """Between the daemon and the proxy: tests throttle or cut the bundle stream here."""
     containerd: Containerd
     daemon: DaemonProcess
 
@@ -64,21 +67,24 @@ def start_stack(workdir: Path, registry: Registry, *, content_timeout: float = 6
         workdir / "proxy", registries=[{"host": registry.host, "plain_http": True}]
     )
     proxy.start()
+    link = FaultyProxy(proxy.url)
+    link.start()
     daemon_dir = workdir / "daemon"
     daemon = DaemonProcess(
-        daemon_dir, proxy=proxy.url, containerd_address="", content_timeout=content_timeout
+        daemon_dir, proxy=link.url, containerd_address="", content_timeout=content_timeout
     )
     containerd = Containerd(workdir / "containerd", snapshotter_socket=daemon.snapshotter_socket)
     containerd.start()
     daemon.containerd_address = containerd.address
     daemon.namespace = containerd.namespace
     daemon.start()
-    return Stack(registry, proxy, containerd, daemon)
+    return Stack(registry, proxy, link, containerd, daemon)
 
 
 def stop_stack(stack: Stack) -> None:
     stack.containerd.stop()
     stack.daemon.close()
+    stack.link.stop()
     stack.proxy.stop()
 
 
