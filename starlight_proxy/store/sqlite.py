@@ -9,6 +9,7 @@ write lock, waiting up to ``busy_timeout``) against other processes on the same 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -122,10 +123,20 @@ class SQLiteDriver:
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = self._connect()
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
+        # Switching a fresh database to WAL needs an exclusive lock, and SQLite can answer
+        # "database is locked" at once (without its busy handler) while other connections open
+        # the same file: retry within the busy timeout.
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise _translate(exc, self.path) from exc
+                time.sleep(0.05)
+            except sqlite3.Error as exc:
+                raise _translate(exc, self.path) from exc
         if mode is None or str(mode[0]).lower() != "wal":
             raise StarlightError(
                 f"metadata store {self.path}: cannot enable WAL (journal mode {mode!r})",
