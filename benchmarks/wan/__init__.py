@@ -21,29 +21,39 @@ unchanged, into the other device. The two TCP stacks talk end to end: the handsh
 real RTT, slow start grows the window once per RTT from 10 segments, and the window needed to
 fill the link is the real bandwidth-delay product.
 
-Per direction (``channel.py``): a drop-tail router queue of ``queue_bytes`` (default one
+Per direction (``channel.py``, no I/O): a drop-tail router queue of ``queue_bytes`` (default one
 bandwidth-delay product, at least 64 KiB), a serialiser at the configured rate
 (``depart = max(arrival, previous departure) + size / rate``), then half the RTT of
 propagation (``deliver = depart + rtt / 2``). The rate counts IP bytes (headers of every
 segment included, no link-layer framing), so TCP's payload peaks at 1448 / 1500 ≈ 96.5 % of
 it.
 
-Packet rate. A Python process cannot move 17,000 packets per second (200 Mbit/s of 1500-byte
-packets) plus their ACKs. Instead of a huge MTU (which would make the initial window 10 ×
-a huge MSS and slow start unrealistically fast) the devices use TUN offloads
+Packet rate. 200 Mbit/s of 1500-byte packets is 17,000 packets per second, plus their ACKs:
+moved one by one, that costs the forwarder most of a core on this VM. Instead of a huge MTU
+(which would make the initial window 10 × a huge MSS and slow start unrealistically fast) the
+devices use TUN offloads
 (``IFF_VNET_HDR`` with checksum and TCP segmentation offload): the sending kernel hands over
-GSO super-packets (up to 45 segments of 1448 bytes in one read), the forwarder charges each
-the wire bytes of all its segments, and the receiving kernel takes it back as it takes a GRO
-batch from a NIC. TCP still sees MSS 1448; only the granularity of the emulator's clock is a
-super-packet (at most ~1 ms of the sender's pacing rate, which TCP's TSO autosizing bounds).
-When the queue has room for only the head of a super-packet, the head is admitted and the tail
-dropped, as a drop-tail queue fed segment by segment would. The forwarder runs as its own
-process with real-time priority (``SCHED_FIFO``; ``nice -10`` where that is refused).
+GSO super-packets of several 1448-byte segments in one read, the forwarder charges each the
+wire bytes of all its segments, and the receiving kernel takes it back as it takes a GRO batch
+from a NIC. TCP still works with MSS 1448 (10 segments initial window, real slow start).
 
-Measured on the development VM (2 cores, shared): every setting of ``DEFAULT_SWEEP`` within
-0.6 ms of its RTT (the forwarder and the measuring code add 0.15-0.5 ms to a round trip, which
-matters only on the 2 ms link) and within 1 % of its rate's TCP payload ceiling; the forwarder
-uses 13-17 % of one core at 100 and 200 Mbit/s.
+The price is grain: a super-packet crosses the link as one unit (its first segment arrives
+when its last would) and is acknowledged with one ACK. The devices' ``gso_max_segs`` bounds a
+super-packet to about 1 ms of link time (2 segments at 10 Mbit/s, 8 at 100, 17 at 200;
+``LinkConfig.effective_gso_segments``): far below every RTT of the sweep, and small enough that
+the ACK aggregation does not inflate BBR's window (with the kernel's 45-segment maximum it
+multiplied drops at 200 Mbit/s). When the queue has room for only the head of a super-packet,
+the head is admitted and the tail dropped (``packet.truncate``), as a drop-tail queue fed
+segment by segment would. The forwarder runs as its own process with real-time priority
+(``SCHED_FIFO``; ``nice -10`` where that is refused), so the benchmark's own CPU use does not
+disturb it.
+
+Measured on the development VM (2 shared cores, other work running), every setting of
+``DEFAULT_SWEEP``: RTT within 0.5 ms of the configured one (connect time; the forwarder and
+the measuring code add 0.15-0.3 ms per round trip, which only the 2 ms link notices),
+steady-state TCP payload rate within 0.5 % of the ceiling ``rate × 1448 / 1500``; the
+forwarder used 15-16 % of one core at 100 Mbit/s and 16-18 % at 200 Mbit/s (without offload:
+26 % at 50, 71 % at 200), and held its rate with two CPU hogs running beside it.
 
 Host tuning in both namespaces (``link.py``): no TCP metrics cache (every connection starts
 from a fresh slow start), socket-buffer maxima well above the path's capacity, IPv6 off on

@@ -113,7 +113,9 @@ def test_namespaces_hold_the_addresses_during_the_link_and_vanish_after() -> Non
         assert re.search(rf"wan0\s+inet {re.escape(EDGE_IP)} peer {re.escape(CLOUD_IP)}/32", edge)
         for name in (link.cloud, link.edge):
             assert "inet 127.0.0.1/8" in addresses(name)  # loopback is up
-            assert f"mtu {MTU}" in run_ip("link", "show", "wan0", netns=name)
+            device = run_ip("-d", "link", "show", "wan0", netns=name)
+            assert f"mtu {MTU}" in device
+            assert f"gso_max_segs {link.config.effective_gso_segments} " in device
         # The addresses exist nowhere else.
         assert CLOUD_IP not in addresses(None)
         assert EDGE_IP not in addresses(None)
@@ -161,11 +163,14 @@ def _start_holder() -> tuple[subprocess.Popen[str], list[str], int]:
     return holder, [cloud, edge], int(pid)
 
 
-def test_sigterm_tears_the_link_down() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_tear_the_link_down(signum: int) -> None:
     holder, names, forwarder = _start_holder()
     assert set(names) <= set(list_netns())
-    holder.send_signal(signal.SIGTERM)
-    assert holder.wait(timeout=30) == 128 + signal.SIGTERM
+    holder.send_signal(signum)
+    status = holder.wait(timeout=30)
+    # SIGTERM becomes SystemExit(128 + 15); SIGINT an uncaught KeyboardInterrupt.
+    assert status == (128 + signal.SIGTERM if signum == signal.SIGTERM else -signal.SIGINT)
     assert not set(names) & set(list_netns())
     assert wait_until(lambda: process_gone(forwarder), 10)
 
