@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -43,7 +44,7 @@ def test_every_subpackage_is_packaged(name: str) -> None:
             else ""
         )
         for p in (ROOT / name).rglob("__init__.py")
-        if "egg-info" not in str(p) and "protos" not in p.parts
+        if "egg-info" not in str(p) and "protos" not in p.parts and "build" not in p.parts
     }
     assert on_disk <= listed, f"missing from {name}/pyproject.toml: {sorted(on_disk - listed)}"
 
