@@ -252,6 +252,43 @@ def test_the_kernel_measures_the_configured_rtt_and_a_1500_byte_mtu_mss() -> Non
     assert int(mss.group(1)) == MSS, ss
 
 
+def test_slow_start_begins_at_ten_full_size_segments() -> None:
+    """A fresh connection carries 10 × 1448 bytes in its first round trip: a response that
+    fits takes 2 RTT (handshake, request + response), one byte more takes 3. A huge MTU, or a
+    relay with open windows, would deliver both in 2."""
+    rtt = 50
+    with WanLink(rtt_ms=rtt, rate_mbit=100) as link:
+        listener = listen(link)
+        port = listener.getsockname()[1]
+        sizes = [10 * MSS, 10 * MSS + 1]
+
+        def serve() -> None:
+            for size in sizes:
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(1)
+                    connection.sendall(bytes(size))
+
+        server = in_thread(serve)
+        round_trips = []
+        for size in sizes:
+            with edge_socket(link) as sock:
+                started = time.perf_counter()
+                sock.connect((CLOUD_IP, port))
+                sock.sendall(b"?")
+                received = 0
+                # Until the last byte, not EOF: the FIN may wait for window like data.
+                while received < size:
+                    data = sock.recv(1 << 16)
+                    assert data
+                    received += len(data)
+                round_trips.append((time.perf_counter() - started) * 1000 / rtt)
+        server.join(5)
+        listener.close()
+    assert 1.9 <= round_trips[0] <= 2.5, round_trips
+    assert 2.9 <= round_trips[1] <= 3.5, round_trips
+
+
 def _upload(link: WanLink, seconds: float, payload: bytes) -> tuple[list[tuple[float, int]], str]:
     """Edge sends ``payload`` repeatedly for ``seconds``; cloud records (time, bytes so far)
     and the sha256 of all it received. Returns (marks, sent digest == received digest)."""
