@@ -96,23 +96,19 @@ def test_core_modules_declare_all(module_name: str) -> None:
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
 def test_each_distribution_builds_alone(name: str, tmp_path: Path) -> None:
     """A wheel built from the folder alone carries its package and declares its own deps."""
+    # Build from a copy, in the copy: setuptools writes build/ beside the sources, which here
+    # are the package itself.
+    source = tmp_path / "src" / name
+    shutil.copytree(ROOT / name, source, ignore=shutil.ignore_patterns("*.egg-info", "build"))
+    out = tmp_path / "wheels"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT / name),
-        ],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", str(out), str(source)],
         check=True,
         capture_output=True,
+        cwd=source,
     )
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = out.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         files = archive.namelist()
         metadata = archive.read(next(f for f in files if f.endswith("METADATA"))).decode()
