@@ -12,6 +12,7 @@ from starlight_cli.commands.images import images
 from starlight_cli.commands.notify import notify
 from starlight_cli.commands.ping import ping
 from starlight_cli.commands.pull import pull
+from starlight_cli.commands.reset import reset
 
 __all__ = ["cli", "main"]
 
@@ -26,6 +27,7 @@ def cli(debug: bool) -> None:
 
 cli.add_command(convert)
 cli.add_command(pull)
+cli.add_command(reset)
 cli.add_command(images)
 cli.add_command(notify)
 cli.add_command(ping)

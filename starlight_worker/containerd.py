@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 
+import anyio
 import attrs
 from google.protobuf import field_mask_pb2
 from grpclib import GRPCError, Status
@@ -30,6 +31,8 @@ from starlight_core.errors import (
     StarlightError,
 )
 from starlight_worker.api import (
+    containers_grpc,
+    containers_pb2,
     content_grpc,
     content_pb2,
     descriptor_pb2,
@@ -39,6 +42,8 @@ from starlight_worker.api import (
     leases_pb2,
     snapshots_grpc,
     snapshots_pb2,
+    tasks_grpc,
+    tasks_pb2,
 )
 
 __all__ = ["ContainerdClient", "ContainerdUnavailable", "SnapshotLayer"]
@@ -89,6 +94,8 @@ class ContainerdClient:
         self._images = images_grpc.ImagesStub(self._channel)
         self._leases = leases_grpc.LeasesStub(self._channel)
         self._snapshots = snapshots_grpc.SnapshotsStub(self._channel)
+        self._containers = containers_grpc.ContainersStub(self._channel)
+        self._tasks = tasks_grpc.TasksStub(self._channel)
         self._lease: str | None = None
 
     async def __aenter__(self) -> ContainerdClient:
@@ -317,3 +324,39 @@ class ContainerdClient:
         except GRPCError as exc:
             raise _translate(exc, "list snapshots") from exc
         return infos
+
+    # -- containers and tasks (for reset) ---------------------------------------------------
+
+    async def list_containers(self, filters: Sequence[str] = ()) -> list[containers_pb2.Container]:
+        response = await self._call(
+            "list containers",
+            self._containers.List,
+            containers_pb2.ListContainersRequest(filters=list(filters)),
+        )
+        return list(response.containers)
+
+    async def stop_task(self, container_id: str, *, timeout: float = 15.0) -> None:
+        """Kill a container's task (all its processes) and delete it; no task is fine."""
+        with contextlib.suppress(NotFound):
+            await self._call(
+                f"kill task {container_id}",
+                self._tasks.Kill,
+                tasks_pb2.KillRequest(container_id=container_id, signal=9, all=True),
+            )
+            with anyio.move_on_after(timeout), contextlib.suppress(GRPCError):
+                await self._tasks.Wait(
+                    tasks_pb2.WaitRequest(container_id=container_id), metadata=self._metadata()
+                )
+            await self._call(
+                f"delete task {container_id}",
+                self._tasks.Delete,
+                tasks_pb2.DeleteTaskRequest(container_id=container_id),
+            )
+
+    async def delete_container(self, container_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self._call(
+                f"delete container {container_id}",
+                self._containers.Delete,
+                containers_pb2.DeleteContainerRequest(id=container_id),
+            )

@@ -173,5 +173,7 @@ class ControlService(control_grpc.ControlBase):
         raise GRPCError(Status.UNIMPLEMENTED, "trace reports are not built yet")
 
     async def Reset(self, stream: Stream[pb.ResetRequest, pb.ResetResponse]) -> None:
-        await _request(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "reset is not built yet")
+        request = await _request(stream)
+        with _grpc_errors():
+            removed = await self.daemon.reset(dry_run=request.dry_run)
+        await stream.send_message(pb.ResetResponse(removed=removed))

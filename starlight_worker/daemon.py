@@ -8,6 +8,7 @@ running container's mounts.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -126,6 +127,68 @@ class Daemon:
         finally:
             self.snapshotter.close()
             self.store.close()
+
+    async def reset(self, *, dry_run: bool = False) -> list[str]:
+        """Remove what starlight created, and nothing else of containerd's: containers on the
+        starlight snapshotter (their tasks killed), images starlight pulled (when containerd's
+        record still points at what we pulled), the snapshots in the starlight snapshotter, the
+        FUSE attachments, and the store's images and layers. Returns what was (or would be)
+        removed."""
+        assert self.store is not None
+        assert self.layers is not None
+        assert self.fused is not None
+        assert self.snapshotter is not None
+        removed: list[str] = []
+        images = await anyio.to_thread.run_sync(self.store.images)
+        namespaces = {self.config.namespace} | {image.namespace for image in images}
+        for namespace in sorted(namespaces):
+            async with self.containerd(namespace) as ctrd:
+                # containerd's container filters know no "snapshotter" field: filter here.
+                containers = await ctrd.list_containers()
+                for container in (c for c in containers if c.snapshotter == "starlight"):
+                    removed.append(f"container {namespace}/{container.id}")
+                    if not dry_run:
+                        await ctrd.stop_task(container.id)
+                        await ctrd.delete_container(container.id)
+                        if container.snapshot_key:
+                            await ctrd.remove_snapshot(container.snapshot_key)
+                for image in images:
+                    if image.namespace != namespace:
+                        continue
+                    record = await ctrd.get_image(image.reference)
+                    if record is not None and record.target.digest == image.manifest_digest:
+                        removed.append(f"image {namespace}/{image.reference}")
+                        if not dry_run:
+                            await ctrd.delete_image(image.reference)
+                # Leaf first: a snapshot with children cannot go before them.
+                snapshots = await ctrd.list_snapshots()
+                removed.extend(f"snapshot {namespace}/{s.name}" for s in snapshots)
+                while snapshots and not dry_run:
+                    parents = {s.parent for s in snapshots}
+                    leaves = [s for s in snapshots if s.name not in parents]
+                    for leaf in leaves:
+                        await ctrd.remove_snapshot(leaf.name)
+                    snapshots = [s for s in snapshots if s.name in parents]
+        for key in self.layers.attached:
+            removed.append(f"fuse layer {key}")
+            if not dry_run:
+                await self.layers.detach(key)
+        for image in images:
+            if not dry_run:
+                await anyio.to_thread.run_sync(
+                    functools.partial(
+                        self.store.remove_image, image.reference, namespace=image.namespace
+                    )
+                )
+        for layer in await anyio.to_thread.run_sync(self.store.layers):
+            removed.append(f"layer {layer.key}")
+            if not dry_run:
+                await anyio.to_thread.run_sync(
+                    functools.partial(self.store.remove_layer, layer.key, force=True)
+                )
+        if not dry_run:
+            await self.snapshotter.cleanup()
+        return removed
 
     async def _reaper(self) -> None:
         assert self.layers is not None

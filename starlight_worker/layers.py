@@ -88,6 +88,11 @@ class StarlightLayers:
             self._attached.setdefault(layer, 0.0)
             return path
 
+    async def detach(self, layer: str) -> None:
+        async with self._lock:
+            await self.fused.detach(layer)
+            self._attached.pop(layer, None)
+
     async def arrived(self, layer: str, names: list[str]) -> None:
         """Wake FUSE readers waiting for ``names`` of ``layer`` (if FUSE serves it)."""
         if layer in self._attached and names:
