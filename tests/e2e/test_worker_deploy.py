@@ -12,7 +12,8 @@ import difflib
 import pytest
 
 from benchmarks.images.fidelity import LISTING_COMMAND, fidelity_layers
-from tests.e2e.conftest import Publish, Stack
+from benchmarks.stack import Stack
+from tests.e2e.conftest import Publish
 
 pytestmark = pytest.mark.e2e
 

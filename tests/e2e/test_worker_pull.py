@@ -20,9 +20,10 @@ from benchmarks.fstree import snapshot_tree
 from benchmarks.images.busybox import busybox_members
 from benchmarks.images.fidelity import LISTING_COMMAND, fidelity_layers
 from benchmarks.services.faulty import Fault
+from benchmarks.stack import Stack
 from starlight_core.reference import Reference
 from starlight_core.testing import TarMember, build_tar
-from tests.e2e.conftest import Publish, Stack
+from tests.e2e.conftest import Publish
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,9 @@ import pytest
 
 from benchmarks.images.busybox import busybox_members
 from benchmarks.services.faulty import Fault
+from benchmarks.stack import Stack
 from starlight_core.testing import TarMember, build_tar
-from tests.e2e.conftest import Publish, Stack
+from tests.e2e.conftest import Publish
 
 pytestmark = pytest.mark.e2e
 
