@@ -114,8 +114,9 @@ class _Server:
     """Accepts connections in cloud: ``E`` echoes bytes back, ``S<seconds:double>`` sends
     for that long and closes."""
 
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, unsent_bytes: int) -> None:
         self.listener = listener
+        self.unsent_bytes = unsent_bytes
         self.port = int(listener.getsockname()[1])
         self.send_marks: list[tuple[float, int]] = []
         self._thread = threading.Thread(target=self._accept, daemon=True, name="wan-verify")
@@ -140,16 +141,19 @@ class _Server:
                         connection.sendall(data)
                 elif mode == _SEND:
                     (seconds,) = struct.unpack("!d", _recv_exactly(connection, 8))
-                    self.send_marks = self._send(connection, seconds)
+                    self.send_marks = self._send(connection, seconds, self.unsent_bytes)
             except OSError:
                 return
 
     @staticmethod
-    def _send(connection: socket.socket, seconds: float) -> list[tuple[float, int]]:
+    def _send(
+        connection: socket.socket, seconds: float, unsent_bytes: int
+    ) -> list[tuple[float, int]]:
         """Send for ``seconds``; return (time, segments delivered so far) after each chunk."""
-        # Little unsent data queued: sending stops close to the deadline, not after the
-        # autotuned send buffer (megabytes) has drained over a slow link.
-        connection.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, _CHUNK)
+        # A bounded amount of unsent data: sending stops close to the deadline, not after the
+        # autotuned send buffer (megabytes) has drained over a slow link; yet enough that a
+        # sending thread kept off the CPU by other work does not leave the link idle.
+        connection.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, unsent_bytes)
         payload = bytes(_CHUNK)
         marks = []
         started = time.monotonic()
@@ -191,7 +195,9 @@ def _server(link: WanLink) -> Iterator[_Server]:
         listener.listen(64)
         return listener
 
-    server = _Server(link.call("cloud", listen))
+    # 100 ms of the link's rate may wait unsent in the sender's socket.
+    unsent = max(4 * _CHUNK, int(link.config.rate_mbit * 1e6 / 8 / 10))
+    server = _Server(link.call("cloud", listen), unsent)
     try:
         yield server
     finally:
