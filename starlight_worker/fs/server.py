@@ -297,3 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # fusepy logs every errno reply (ENOENT, ENODATA…) at debug level: keep that quiet.
     logging.getLogger("fuse").setLevel(max(logging.INFO, logging.getLogger().level))
     return run(config)
+
+
+def cli() -> None:
+    """The ``starlight-fused`` console script."""
+    raise SystemExit(main())
