@@ -29,6 +29,7 @@ import select
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from benchmarks.wan.channel import Channel
@@ -134,7 +135,7 @@ class Forwarder:
                     count = kept
             channel.offer(now, frame, size, count)
 
-    def run(self, control_in: int, on_control: Any) -> None:
+    def run(self, control_in: int, on_control: Callable[[str], None]) -> None:
         """Forward until ``control_in`` reaches EOF; call ``on_control(line)`` per line."""
         readers = [self.edge_fd, self.cloud_fd, control_in]
         pending = b""
