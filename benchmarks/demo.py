@@ -57,7 +57,7 @@ def _run(stack: Stack, ref: Reference, snapshotter: str) -> str:
 def run(workdir: Path) -> int:
     registry = Registry(workdir / "registry")
     registry.start()
-    stack = start_stack(workdir / "stack", registry)
+    stack = start_stack(workdir / "stack", registry, direct=True)
     try:
         return _demo(stack)
     finally:

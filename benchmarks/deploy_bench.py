@@ -239,7 +239,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="starlight-deploy-bench-"))
     registry = Registry(workdir / "registry")
     registry.start()
-    stack = start_stack(workdir / "stack", registry)
+    stack = start_stack(workdir / "stack", registry, direct=True)
     try:
         results = {
             "deploy": deploy_times(stack),

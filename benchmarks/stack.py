@@ -58,7 +58,12 @@ class Stack:
         return result.stdout
 
 
-def start_stack(workdir: Path, registry: Registry, *, content_timeout: float = 60.0) -> Stack:
+def start_stack(
+    workdir: Path, registry: Registry, *, content_timeout: float = 60.0, direct: bool = False
+) -> Stack:
+    """Start proxy, containerd and daemon. The daemon reaches the proxy through ``stack.link``
+    (a fault-injecting forwarder, itself a Python process hop) unless ``direct``: measurements
+    use ``direct=True`` so the forwarder's own speed does not count."""
     proxy = ProxyProcess(
         workdir / "proxy", registries=[{"host": registry.host, "plain_http": True}]
     )
@@ -67,7 +72,10 @@ def start_stack(workdir: Path, registry: Registry, *, content_timeout: float = 6
     link.start()
     daemon_dir = workdir / "daemon"
     daemon = DaemonProcess(
-        daemon_dir, proxy=link.url, containerd_address="", content_timeout=content_timeout
+        daemon_dir,
+        proxy=proxy.url if direct else link.url,
+        containerd_address="",
+        content_timeout=content_timeout,
     )
     containerd = Containerd(workdir / "containerd", snapshotter_socket=daemon.snapshotter_socket)
     containerd.start()

@@ -17,6 +17,13 @@ image, then:
 A broken connection is resumed: byte for byte at the same offset of the same bundle when the
 proxy still plans the same bundle, else by a new request naming every content already present
 (nothing is fetched twice).
+
+Every pull is recorded in the store (``Store.start_pull``): RUNNING until it completes. Once
+its image is READY, a failed attempt leaves the record RUNNING (containers may already read
+from the image, so the daemon retries it in the background, and resumes it after a restart);
+before that the failure is the caller's to see and the record is FAILED. A pull whose store
+already holds part of the image (a resume, a retry, a repeated pull) names those contents in
+its first request (``have``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from starlight_core.digest import Digest
 from starlight_core.errors import (
     BundleProtocolError,
     DigestMismatch,
+    NotFound,
     ProxyUnavailable,
     StarlightError,
 )
@@ -64,7 +72,9 @@ from starlight_worker.containerd import (
     SnapshotLayer,
 )
 from starlight_worker.layers import LABEL_IMAGE, LABEL_LAYER, StarlightLayers
+from starlight_worker.metrics import Metrics
 from starlight_worker.store import LayerHandle, Store
+from starlight_worker.store.beneath import disk_error
 
 __all__ = ["Phase", "Pull", "PullOptions", "PullProgress"]
 
@@ -89,6 +99,12 @@ class PullOptions:
     ordering: bool = True
     from_refs: tuple[str, ...] | None = None
     """Images to compute the delta from; None lets the daemon choose."""
+    register: bool = True
+    """Write the image into containerd (content, snapshot chain, image record). False when
+    containerd's own client is pulling the image (remote snapshots) and when continuing a pull
+    whose image was registered before (a retry, a resume after a restart)."""
+    record_id: int | None = None
+    """The store's record of the pull this one continues; None records a new pull."""
 
 
 @attrs.frozen
@@ -141,6 +157,7 @@ class Pull:
         containerd: Callable[[str], ContainerdClient],
         retries: int = 5,
         snapshotter: str = "starlight",
+        metrics: Metrics | None = None,
     ) -> None:
         self.options = options
         self.store = store
@@ -149,9 +166,14 @@ class Pull:
         self._containerd = containerd
         self.retries = retries
         self.snapshotter = snapshotter
+        self.metrics = metrics
         self.ready = anyio.Event()
         self.done = anyio.Event()
         self.error: StarlightError | None = None
+        self.record_id = options.record_id
+        self.usable = False
+        """The image reached READY in this pull or before it (a continuation): containers may
+        read from it, so a failure is retried in the background rather than given up."""
         self._started = time.monotonic()
         self._progress = PullProgress(Phase.REQUESTED, str(options.reference))
         self._subscribers: list[MemoryObjectSendStream[PullProgress]] = []
@@ -175,6 +197,11 @@ class Pull:
     @property
     def progress(self) -> PullProgress:
         return self._progress
+
+    @property
+    def header(self) -> BundleHeader | None:
+        """The header of the bundle being received (None before it arrived)."""
+        return self._header
 
     def subscribe(self) -> MemoryObjectReceiveStream[PullProgress]:
         send, receive = anyio.create_memory_object_stream[PullProgress](64)
@@ -213,13 +240,17 @@ class Pull:
     # -- the pull -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        outcome = ""
         try:
             try:
+                await self._record_start()
                 async with anyio.create_task_group() as tasks:
                     self._tasks = tasks
                     await self._run()
             except BaseExceptionGroup as group:
                 raise _first_error(group) from group
+            outcome = "complete"
+            await self._record_end(None)
             self._publish(force=True, phase=Phase.COMPLETE, message="complete")
         except StarlightError as exc:
             self.error = exc
@@ -229,12 +260,49 @@ class Pull:
             self.error = StarlightError(f"pull of {self.options.reference} failed: {exc!r}")
             log.exception("pull of %s failed", self.options.reference)
         finally:
-            for content in self._writing.values():
-                content.file.close()
-            self._writing.clear()
+            self._discard_partial()
+            if self.error is not None:
+                outcome = "retrying" if self.usable else "failed"
+                with anyio.CancelScope(shield=True):
+                    await self._record_end(self.error)
+            if self.metrics is not None and outcome:  # not when cancelled (daemon stopping)
+                self.metrics.pulls.labels(outcome).inc()
             self.ready.set()
             self.done.set()
             self._close_subscribers()
+
+    async def _record_start(self) -> None:
+        if self.record_id is None:
+            record = await anyio.to_thread.run_sync(
+                lambda: self.store.start_pull(
+                    str(self.options.reference), namespace=self.options.namespace
+                )
+            )
+            self.record_id = record.id
+        else:
+            # A continuation: its image was READY before (the record names its bundle).
+            self.usable = True
+
+    async def _record_end(self, error: StarlightError | None) -> None:
+        """DONE on success; FAILED if it failed before READY; else it stays RUNNING (it is
+        retried, and resumed after a restart)."""
+        record_id = self.record_id
+        if record_id is None or (error is not None and self.usable):
+            return
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: self.store.finish_pull(record_id, error=str(error) if error else None)
+            )
+        except StarlightError as exc:  # the store is closing, or the disk is full
+            log.warning("pull of %s: cannot record its end: %s", self.options.reference, exc)
+
+    def _discard_partial(self) -> None:
+        """Forget contents received in part (a new bundle sends them again from the start)."""
+        for content in self._writing.values():
+            content.file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(str(content.path))
+        self._writing.clear()
 
     def _from_refs(self) -> tuple[str, ...]:
         if self.options.from_refs is not None:
@@ -252,7 +320,13 @@ class Pull:
         reader: BundleReader | None = None
         header_size = 0
         resumes = 0
-        have: tuple[Digest, ...] = ()
+        have = await anyio.to_thread.run_sync(self._held_of_target)
+        if have:
+            log.info(
+                "pull of %s: %d of its contents are already in the store; asking for the rest",
+                self.options.reference,
+                len(have),
+            )
         use_from = True
         while True:
             exact = reader is not None and reader.header is not None and header_size > 0
@@ -278,24 +352,30 @@ class Pull:
                         reader = BundleReader()
                     async for chunk in stream:
                         self._bytes += len(chunk)
+                        if self.metrics is not None:
+                            self.metrics.bundle_bytes.inc(len(chunk))
                         reader.receive_data(chunk)
                         header_size = await self._drain(reader, header_size)
                     reader.receive_data(b"")
                     header_size = await self._drain(reader, header_size)
             except (ProxyUnavailable, BundleProtocolError, DigestMismatch) as exc:
                 resumes += 1
+                if self.metrics is not None:
+                    self.metrics.pull_resumes.labels(exc.code).inc()
                 if resumes > self.retries:
                     raise
                 log.info("pull of %s interrupted (%s); resuming", self.options.reference, exc)
                 self._publish(force=True, resumes=resumes, message=f"resuming: {exc}")
                 if isinstance(exc, DigestMismatch | BundleProtocolError):
                     reader = None  # start a new bundle naming what we hold
+                    self._discard_partial()
                     have, use_from = await self._present(), False
                 await anyio.sleep(_BACKOFF[min(resumes - 1, len(_BACKOFF) - 1)])
                 continue
             except StarlightError as exc:
                 if exc.code == "bundle_changed" and reader is not None:
                     reader = None
+                    self._discard_partial()
                     have, use_from = await self._present(), False
                     continue
                 raise
@@ -309,7 +389,25 @@ class Pull:
                     f"pull of {self.options.reference}: contents still missing after the bundle"
                 )
             reader = None
+            self._discard_partial()
             have, use_from = await self._present(), False
+
+    def _held_of_target(self) -> tuple[Digest, ...]:
+        """Contents of the target the store holds already, when it recorded the image before
+        (a pull resumed after a restart, retried, or repeated): named in the first request so
+        that none travels twice. Opening the layers reconciles the store with the disk (after
+        a crash the database may lag behind the files placed)."""
+        image = self.store.image(str(self.options.reference), namespace=self.options.namespace)
+        if image is None or image.complete:
+            return ()
+        wanted: set[Digest] = set()
+        for key in image.layers:
+            try:
+                handle = self.store.open_layer(key)
+            except NotFound:
+                continue
+            wanted.update(e.digest for e in handle.toc.entries if e.has_content and e.digest)
+        return tuple(sorted(self.store.contents_present(wanted)))
 
     async def _present(self) -> tuple[Digest, ...]:
         wanted = list(self._sizes)
@@ -355,6 +453,8 @@ class Pull:
             if index not in begun:
                 begun[index] = await anyio.to_thread.run_sync(self.store.begin_layer, toc)
         handles = [begun[i] for i in range(len(header.layers))]
+        for handle in handles:
+            handle.defer_sync = True  # one database write per batch of extents, not per file
         self._handles = handles
         self._needs = {}
         self._sizes = {}
@@ -380,7 +480,8 @@ class Pull:
                 config=image.config.encode(),
             )
         )
-        await self._register_in_containerd(header)
+        if self.options.register and not self.usable:
+            await self._register_in_containerd(header)
         expected = sum(e.compressed_size for e in header.extents)
         self._publish(
             force=True,
@@ -390,6 +491,14 @@ class Pull:
             bytes_expected=expected,
             files_total=files_total,
         )
+        self.usable = True
+        if self.record_id is not None:
+            record_id = self.record_id
+            await anyio.to_thread.run_sync(
+                lambda: self.store.update_pull(
+                    record_id, bundle_id=header.bundle_id, bytes_received=self._bytes
+                )
+            )
         self.ready.set()
         if header.local:
             # Copy what we hold while the stream goes on (a task: copies must not stall it).
@@ -425,6 +534,8 @@ class Pull:
                     self._files_done += len(names)
                     self._local += 1
                     arrived.append((handle.key, names))
+        for handle in {id(h): h for h in self._handles}.values():
+            handle.sync()
         return arrived
 
     async def _register_in_containerd(self, header: BundleHeader) -> None:
@@ -472,6 +583,12 @@ class Pull:
         self._publish(phase=Phase.CONTENTS)
 
     def _write_extents(self, extents: list[Extent]) -> list[tuple[str, list[str]]]:
+        try:
+            return self._write_extents_to_disk(extents)
+        except OSError as exc:  # staging: a full disk is ResourceExhausted, said plainly
+            raise disk_error(exc, f"pull of {self.options.reference}: receiving contents") from exc
+
+    def _write_extents_to_disk(self, extents: list[Extent]) -> list[tuple[str, list[str]]]:
         arrived: list[tuple[str, list[str]]] = []
         for extent in extents:
             descriptor = extent.descriptor
@@ -502,6 +619,8 @@ class Pull:
             content.received += len(data)
             if content.received >= content.size:
                 arrived.extend(self._finish_content(content))
+        for handle in {id(h): h for h in self._handles}.values():
+            handle.sync()
         return arrived
 
     def _finish_content(self, content: _Content) -> list[tuple[str, list[str]]]:
