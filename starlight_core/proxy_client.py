@@ -38,6 +38,7 @@ from starlight_core.errors import (
     InvalidInput,
     NotFound,
     ProxyUnavailable,
+    ResourceExhausted,
     StarlightError,
 )
 from starlight_core.platform import Platform
@@ -50,6 +51,7 @@ __all__ = [
     "HEADER_BUNDLE_ID",
     "HEADER_BUNDLE_OFFSET",
     "HEADER_BUNDLE_SIZE",
+    "TRACE_MEDIA_TYPE",
     "BundleStream",
     "DeltaRequest",
     "Health",
@@ -58,6 +60,8 @@ __all__ = [
     "NotifyRequest",
     "NotifyResult",
     "ProxyClient",
+    "ReportResult",
+    "TraceTooLarge",
     "error_from_response",
 ]
 
@@ -69,6 +73,8 @@ HEADER_BUNDLE_SIZE: Final = "Starlight-Bundle-Size"
 """Length of the whole stream when it completes (the response carries ``size - offset``)."""
 HEADER_BUNDLE_EXTENTS: Final = "Starlight-Bundle-Extents"
 HEADER_BUNDLE_HEADER_SIZE: Final = "Starlight-Bundle-Header-Size"
+TRACE_MEDIA_TYPE: Final = "application/vnd.starlight.trace.v1+jsonl"
+"""``POST /starlight/report`` takes one start-up trace in its JSON Lines form."""
 _NOTIFY_TIMEOUT: Final = 3600.0  # indexing a large image reads every layer blob once
 _MAX_ERROR_BODY: Final = 64 * 1024
 T = TypeVar("T")
@@ -117,6 +123,28 @@ class NotifyResult:
     layers_known: int = 0
     """Layers whose TOC the proxy had already (shared with images indexed before)."""
     seconds: float = 0.0
+
+
+@attrs.frozen
+class ReportResult:
+    """``POST /starlight/report``: what became of one uploaded trace."""
+
+    trace_id: str
+    image: str
+    """The traced image as the proxy knows it: ``name@manifest-digest``."""
+    stored: bool
+    """False: a trace with this id was stored before (an upload repeated), nothing changed."""
+    accesses: int = 0
+    files_ranked: int = 0
+    """Files in the image's ranking after this trace was merged."""
+    group: str | None = None
+
+
+class TraceTooLarge(ResourceExhausted):
+    """An uploaded trace is larger than the proxy accepts (HTTP 413)."""
+
+    code = "trace_too_large"
+    http_status = 413
 
 
 @attrs.frozen
@@ -169,7 +197,7 @@ class DeltaRequest:
             raise InvalidInput("resuming at an offset needs the bundle_id")
 
 
-for _cls in (NotifyRequest, ImageView, NotifyResult, ImageList, Health):
+for _cls in (NotifyRequest, ImageView, NotifyResult, ImageList, Health, ReportResult):
     wire.register(_cls, forbid_extra_keys=_cls in (NotifyRequest,))
 
 _DELTA_OVERRIDES: Final[dict[str, Any]] = {
@@ -430,6 +458,34 @@ class ProxyClient:
             "POST", "/starlight/delta", what, body=request, timeout=timeout
         ) as response:
             yield BundleStream(response, self.url)
+
+    async def report(self, trace: bytes, *, timeout: float | None = None) -> ReportResult:
+        """Upload one start-up trace (its JSON Lines form). Repeating an upload is harmless:
+        the proxy answers ``stored=False``. A trace the proxy refuses raises the error it
+        answered (``InvalidInput``, ``ImageNotFound``, ``TraceTooLarge``…)."""
+        describe = f"proxy {self.url}: reporting a trace"
+        request = self._http.build_request(
+            "POST",
+            "/starlight/report",
+            content=trace,
+            headers={"Accept": "application/json", "Content-Type": TRACE_MEDIA_TYPE},
+            timeout=httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise ProxyUnavailable(f"{describe}: {_describe(exc)}") from exc
+        try:
+            limit = _MAX_ERROR_BODY if response.status_code >= 400 else None
+            body = await _read_limited(response, describe, limit=limit)
+        finally:
+            await response.aclose()
+        if response.status_code >= 400:
+            raise error_from_response(response.status_code, body, what=describe)
+        try:
+            return wire.loads(body, ReportResult, "proxy answer to a report")
+        except InvalidInput as exc:
+            raise StarlightError(f"proxy {self.url}: {exc.message}") from exc
 
 
 async def _read_limited(

@@ -10,6 +10,7 @@ Routes::
                                &bundle_id=ID][&ordering=false] -> the bundle stream
     POST /starlight/delta      the same as a JSON DeltaRequest (long ``have`` lists, resumes)
     GET  /starlight/images     [?name=REPO] -> ImageList
+    POST /starlight/report     one start-up trace (JSON Lines) -> ReportResult (see reports.py)
 
 Every failure is ``{"error": code, "message": text, "hint": text?}`` with the error's HTTP
 status; failures of the upstream registry are 502 (whatever the registry answered: it is not
@@ -64,6 +65,7 @@ from starlight_proxy.bundles import BundlePlanner, StreamOptions, stream_bundle
 from starlight_proxy.config import ProxyConfig
 from starlight_proxy.metrics import Metrics
 from starlight_proxy.notify import Indexer
+from starlight_proxy.reports import TraceReports
 from starlight_proxy.store import ImageRecord, SQLMetadataStore, open_store
 from starlight_proxy.upstream import Upstreams
 
@@ -92,6 +94,7 @@ class ProxyState:
     indexer: Indexer
     planner: BundlePlanner
     metrics: Metrics
+    reports: TraceReports
 
 
 def _view(image: ImageRecord) -> ImageView:
@@ -187,6 +190,8 @@ API
   GET  /starlight/delta       ?to=REF&from=REF[,REF...]&platform=OS/ARCH
   POST /starlight/delta       the same as JSON, with "have", "offset" + "bundle_id" to resume
                               -> {media_type} stream
+  POST /starlight/report      one start-up trace (JSON Lines, ctr-starlight report): merged
+                              into the image's start-up order
 
 Errors are JSON: {{"error": code, "message": text}}.
 """
@@ -210,7 +215,8 @@ def create_app(
         upstreams = Upstreams(config, client=registry)
         indexer = Indexer(opened, upstreams, metrics, jobs=config.notify_jobs)
         planner = BundlePlanner(opened, upstreams, indexer, metrics, auto_notify=config.auto_notify)
-        return ProxyState(config, opened, upstreams, indexer, planner, metrics)
+        reports = TraceReports(opened)
+        return ProxyState(config, opened, upstreams, indexer, planner, metrics, reports)
 
     if store is not None:
         holder["state"] = build(store)
@@ -308,6 +314,12 @@ def create_app(
             headers=headers,
         )
 
+    async def report(request: Request) -> Response:
+        length = request.headers.get("content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        result = await state().reports.receive(request.stream(), declared=declared)
+        return _json(result)
+
     async def starlight_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarlightError)
         status = error_status(exc)
@@ -339,6 +351,7 @@ def create_app(
             Route("/starlight/notify", notify, methods=["POST"]),
             Route("/starlight/delta", delta, methods=["GET", "POST"]),
             Route("/starlight/images", images, methods=["GET"]),
+            Route("/starlight/report", report, methods=["POST"]),
         ],
         exception_handlers={
             StarlightError: starlight_error,

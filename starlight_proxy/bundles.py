@@ -145,7 +145,7 @@ class BundlePlanner:
         if holders:
             for _, image in targets:
                 held |= await self._store.shared_contents(image.id, holders)
-        ranks = await self._store.get_ranks([image.id for _, image in targets])
+        ranks = await self._ranks([image.id for _, image in targets], request.ordering)
         plan_targets = [
             Target(layers=meta.tocs, ranks=ranks.get(image.id, {}))
             for meta, (_, image) in zip(metas, targets, strict=True)
@@ -200,6 +200,31 @@ class BundlePlanner:
             sources=tuple(owner[i] for i in range(len(delta.layers))),
             offset=request.offset,
         )
+
+    async def _ranks(self, image_ids: list[int], ordering: bool) -> dict[int, dict[str, float]]:
+        """The start-up order of each target: its own ranking; for several targets, the joint
+        ranking of the group that ranks most of them together (ties: the first name), with the
+        files only their own rankings know after every jointly ranked one."""
+        if not ordering:
+            return {}
+        own = await self._store.get_ranks(image_ids)
+        if len(image_ids) < 2:
+            return own
+        groups = await self._store.ranked_groups(image_ids)
+        chosen = min(groups.items(), key=lambda item: (-len(item[1]), item[0]), default=None)
+        if chosen is None or len(chosen[1]) < 2:
+            return own
+        group, members = chosen
+        joint = await self._store.get_ranks(sorted(members), group=group)
+        after = 1 + max((rank for r in joint.values() for rank in r.values()), default=-1)
+        log.debug("delta: joint start-up order of group %s for images %s", group, sorted(members))
+        return {
+            image_id: {
+                **{path: after + rank for path, rank in own.get(image_id, {}).items()},
+                **joint.get(image_id, {}),
+            }
+            for image_id in image_ids
+        }
 
     async def _find(
         self, reference: Reference, explicit: Platform | None, platform: Platform

@@ -16,6 +16,7 @@ ROUTES: Final = (
     "/starlight/delta",
     "/starlight/images",
     "/starlight/notify",
+    "/starlight/report",
 )
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from starlight_core.errors import InvalidInput
-from starlight_proxy.store.api import DEFAULT_CLAIM_TIMEOUT, MetadataStore
+from starlight_proxy.store.api import DEFAULT_CLAIM_TIMEOUT, MetadataStore, StaleRanking
 from starlight_proxy.store.driver import Driver
 from starlight_proxy.store.records import (
     ImageMetadata,
@@ -19,6 +19,7 @@ from starlight_proxy.store.records import (
     ImageState,
     IndexClaim,
     LayerRecord,
+    RankUpdate,
     TraceRecord,
 )
 from starlight_proxy.store.sql import SCHEMA_VERSION, SQLMetadataStore
@@ -32,7 +33,9 @@ __all__ = [
     "IndexClaim",
     "LayerRecord",
     "MetadataStore",
+    "RankUpdate",
     "SQLMetadataStore",
+    "StaleRanking",
     "TraceRecord",
     "open_store",
 ]

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, Protocol
 
 from starlight_core.digest import Digest
+from starlight_core.errors import FailedPrecondition
 from starlight_core.layer.toc import TOC
 from starlight_core.platform import Platform
 from starlight_proxy.store.records import (
@@ -26,14 +27,22 @@ from starlight_proxy.store.records import (
     ImageRecord,
     IndexClaim,
     LayerRecord,
+    RankUpdate,
     TraceRecord,
 )
 
-__all__ = ["DEFAULT_CLAIM_TIMEOUT", "MetadataStore"]
+__all__ = ["DEFAULT_CLAIM_TIMEOUT", "MetadataStore", "StaleRanking"]
 
 DEFAULT_CLAIM_TIMEOUT: Final = 600.0
 """Seconds after which an ``indexing`` claim nobody refreshed may be taken over: its proxy
 probably died. Long enough for a slow registry; refresh_claim keeps a live one fresh."""
+
+
+class StaleRanking(FailedPrecondition):
+    """A ranking given to ``add_trace`` was computed from fewer (or other) traces than are
+    stored: another writer stored one meanwhile. Nothing was stored; merge again and retry."""
+
+    code = "stale_ranking"
 
 
 class MetadataStore(Protocol):
@@ -164,14 +173,31 @@ class MetadataStore(Protocol):
         """Each requested image's ranking (empty when it has none)."""
         ...
 
-    async def add_trace(
-        self, trace_id: str, image_id: int, payload: bytes, *, group: str = ""
-    ) -> bool:
-        """Store an uploaded trace; ``False`` if a trace with that id was stored already."""
+    async def ranked_groups(self, image_ids: Sequence[int]) -> dict[str, frozenset[int]]:
+        """The groups with a joint ranking of any of these images, each with the images of
+        ``image_ids`` it ranks."""
         ...
 
-    async def list_traces(self, image_id: int, *, group: str | None = None) -> list[TraceRecord]:
-        """The image's traces (of one group, or all), oldest first."""
+    async def add_trace(
+        self,
+        trace_id: str,
+        image_id: int,
+        payload: bytes,
+        *,
+        group: str = "",
+        rankings: Sequence[RankUpdate] = (),
+    ) -> bool:
+        """Store an uploaded trace and, in the same transaction, replace the ``rankings``
+        (each checked against the traces stored, see ``RankUpdate.traces``). ``False``, and
+        nothing changed, if a trace with that id was stored already; ``StaleRanking``, and
+        nothing changed, if a ranking's trace count is not what is stored."""
+        ...
+
+    async def list_traces(
+        self, image_id: int | None, *, group: str | None = None
+    ) -> list[TraceRecord]:
+        """The image's traces (of one group, or all), oldest first; with ``image_id`` None,
+        every trace of ``group`` (required then), whatever its image."""
         ...
 
     async def close(self) -> None: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 import attrs
 
@@ -16,6 +17,7 @@ __all__ = [
     "ImageState",
     "IndexClaim",
     "LayerRecord",
+    "RankUpdate",
     "TraceRecord",
 ]
 
@@ -108,3 +110,18 @@ class TraceRecord:
     group: str
     payload: bytes
     received_at: float
+
+
+@attrs.frozen
+class RankUpdate:
+    """A ranking ``add_trace`` replaces in the transaction that stores the trace."""
+
+    image_id: int
+    ranks: Mapping[str, float]
+    """File path → rank (lower starts earlier), as ``replace_ranks`` takes."""
+    group: str = ""
+    """'' for the image's own ranking; a group's name for its joint ranking."""
+    traces: int | None = None
+    """How many stored traces the ranking merges, the new one included: the image's (group
+    '') or the group's, across its images. Checked inside the transaction: another writer's
+    trace stored meanwhile makes it ``StaleRanking``. ``None``: not checked."""

@@ -23,7 +23,7 @@ from starlight_core.errors import (
 from starlight_core.layer.toc import TOC, LayerInfo
 from starlight_core.platform import Platform
 from starlight_core.reference import Reference
-from starlight_proxy.store.api import DEFAULT_CLAIM_TIMEOUT
+from starlight_proxy.store.api import DEFAULT_CLAIM_TIMEOUT, StaleRanking
 from starlight_proxy.store.codec import (
     FILE_COLUMNS,
     FILE_SELECT,
@@ -40,6 +40,7 @@ from starlight_proxy.store.records import (
     ImageState,
     IndexClaim,
     LayerRecord,
+    RankUpdate,
     TraceRecord,
 )
 from starlight_proxy.store.schema import MIGRATIONS
@@ -673,20 +674,17 @@ class SQLMetadataStore:
         self, image_id: int, ranks: Mapping[str, float], *, group: str = ""
     ) -> None:
         _check_id(image_id)
-        _check_label(group, "group", allow_empty=True)
-        rows: list[tuple[Any, ...]] = []
-        for path, rank in ranks.items():
-            if (
-                not isinstance(rank, int | float)
-                or isinstance(rank, bool)
-                or not math.isfinite(rank)
-            ):
-                raise InvalidInput(f"rank of {path!r} must be a finite number, not {rank!r}")
-            rows.append((image_id, group, encode_text(path), float(rank)))
+        rows = _rank_rows(image_id, ranks, group)
         async with self._driver.transaction(write=True) as tx:
             await self._lock_image(tx, image_id)
-            await tx.execute("DELETE FROM ranks WHERE image_id = ? AND grp = ?", (image_id, group))
-            await tx.insert_many("ranks", ("image_id", "grp", "name", "rank"), rows)
+            await self._replace_ranks(tx, image_id, group, rows)
+
+    @staticmethod
+    async def _replace_ranks(
+        tx: Transaction, image_id: int, group: str, rows: list[tuple[Any, ...]]
+    ) -> None:
+        await tx.execute("DELETE FROM ranks WHERE image_id = ? AND grp = ?", (image_id, group))
+        await tx.insert_many("ranks", ("image_id", "grp", "name", "rank"), rows)
 
     async def get_ranks(
         self, image_ids: Sequence[int], *, group: str = ""
@@ -706,36 +704,110 @@ class SQLMetadataStore:
             result[image_id][decode_text(name)] = rank
         return result
 
+    async def ranked_groups(self, image_ids: Sequence[int]) -> dict[str, frozenset[int]]:
+        ids = sorted({_check_id(i) for i in image_ids})
+        if not ids:
+            return {}
+        async with self._driver.transaction(write=False) as tx:
+            rows = await tx.fetchall(
+                f"SELECT DISTINCT grp, image_id FROM ranks WHERE image_id IN ({_marks(len(ids))})"
+                " AND grp <> ''",
+                ids,
+            )
+        groups: dict[str, set[int]] = {}
+        for group, image_id in rows:
+            groups.setdefault(group, set()).add(image_id)
+        return {group: frozenset(members) for group, members in sorted(groups.items())}
+
     async def add_trace(
-        self, trace_id: str, image_id: int, payload: bytes, *, group: str = ""
+        self,
+        trace_id: str,
+        image_id: int,
+        payload: bytes,
+        *,
+        group: str = "",
+        rankings: Sequence[RankUpdate] = (),
     ) -> bool:
         _check_label(trace_id, "trace id", allow_empty=False)
         _check_id(image_id)
         _check_label(group, "group", allow_empty=True)
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise InvalidInput("a trace payload must be bytes")
+        updates: list[tuple[RankUpdate, list[tuple[Any, ...]]]] = []
+        for update in rankings:
+            if not isinstance(update, RankUpdate):
+                raise InvalidInput(f"expected a RankUpdate, not {type(update).__name__}")
+            _check_id(update.image_id)
+            updates.append((update, _rank_rows(update.image_id, update.ranks, update.group)))
         async with self._driver.transaction(write=True) as tx:
-            await self._lock_image(tx, image_id)
+            # Always in id order: two writers locking the same images cannot deadlock.
+            for locked in sorted({image_id, *(u.image_id for u in rankings)}):
+                await self._lock_image(tx, locked)
             row = await tx.fetchone(
                 "INSERT INTO traces (trace_id, image_id, grp, payload, received_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (trace_id) DO NOTHING RETURNING trace_id",
                 (trace_id, image_id, group, bytes(payload), self._clock()),
             )
-        return row is not None
+            if row is None:
+                return False
+            counts: dict[tuple[str, int], int] = {}
+            for update, rows in updates:
+                if update.traces is not None:
+                    key = (update.group, update.image_id if not update.group else 0)
+                    if key not in counts:
+                        counts[key] = await self._count_traces(tx, update)
+                    if counts[key] != update.traces:
+                        # Raising rolls the whole transaction back, the trace included.
+                        raise StaleRanking(
+                            f"the ranking of image {update.image_id}"
+                            + (f" in group {update.group!r}" if update.group else "")
+                            + f" merges {update.traces} traces, but {counts[key]} are stored",
+                            hint="merge the stored traces again and retry",
+                        )
+                await self._replace_ranks(tx, update.image_id, update.group, rows)
+        return True
 
-    async def list_traces(self, image_id: int, *, group: str | None = None) -> list[TraceRecord]:
-        _check_id(image_id)
-        sql = "SELECT trace_id, image_id, grp, payload, received_at FROM traces WHERE image_id = ?"
-        params: list[Any] = [image_id]
+    @staticmethod
+    async def _count_traces(tx: Transaction, update: RankUpdate) -> int:
+        if update.group:
+            row = await tx.fetchone("SELECT COUNT(*) FROM traces WHERE grp = ?", (update.group,))
+        else:
+            row = await tx.fetchone(
+                "SELECT COUNT(*) FROM traces WHERE image_id = ?", (update.image_id,)
+            )
+        assert row is not None
+        return int(row[0])
+
+    async def list_traces(
+        self, image_id: int | None, *, group: str | None = None
+    ) -> list[TraceRecord]:
+        sql = "SELECT trace_id, image_id, grp, payload, received_at FROM traces WHERE "
+        params: list[Any] = []
+        if image_id is None:
+            if not group:
+                raise InvalidInput("listing traces of every image needs a group")
+        else:
+            sql += "image_id = ? AND "
+            params.append(_check_id(image_id))
         if group is not None:
-            sql += " AND grp = ?"
+            sql += "grp = ? AND "
             params.append(_check_label(group, "group", allow_empty=True))
         async with self._driver.transaction(write=False) as tx:
-            rows = await tx.fetchall(sql + " ORDER BY received_at, trace_id", params)
+            rows = await tx.fetchall(sql + "1 = 1 ORDER BY received_at, trace_id", params)
         return [
             TraceRecord(trace_id=t, image_id=i, group=g, payload=bytes(p), received_at=r)
             for t, i, g, p, r in rows
         ]
+
+
+def _rank_rows(image_id: int, ranks: Mapping[str, float], group: str) -> list[tuple[Any, ...]]:
+    _check_label(group, "group", allow_empty=True)
+    rows: list[tuple[Any, ...]] = []
+    for path, rank in ranks.items():
+        if not isinstance(rank, int | float) or isinstance(rank, bool) or not math.isfinite(rank):
+            raise InvalidInput(f"rank of {path!r} must be a finite number, not {rank!r}")
+        rows.append((image_id, group, encode_text(path), float(rank)))
+    return rows
 
 
 def _build_tocs(layers: Sequence[LayerRecord], files: Mapping[int, list[Row]]) -> tuple[TOC, ...]:
