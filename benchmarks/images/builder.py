@@ -49,7 +49,7 @@ __all__ = [
     "Layer",
 ]
 
-BUILDER_VERSION: Final = "1"
+BUILDER_VERSION: Final = "2"
 """Part of every layer key: change it when the way layers are made changes."""
 EPOCHS: Final = {"v1": 1_790_812_800, "v2": 1_794_700_800}
 """SOURCE_DATE_EPOCH of each version's builds (2026-10-01 and 2026-11-15, UTC)."""

@@ -28,6 +28,8 @@ _HOOKS: Final = (
     "/usr/share/mmdebstrap/hooks/merged-usr",
 )
 PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BUILD_HOSTNAME: Final = "buildkitsandbox"
+"""The host name build steps see (BuildKit's, so images look as docker-built ones do)."""
 
 # What the official image's sources look like (deb822), and its apt settings for containers:
 # no package caches kept, no translations fetched.
@@ -101,8 +103,13 @@ def bootstrap(target: Path, repository: str, *, epoch: int) -> None:
         [
             "unshare",
             "--mount",
+            "--uts",
             "--propagation",
             "private",
+            "sh",
+            "-c",
+            'hostname "$BUILD_HOSTNAME" && exec "$@"',
+            "mmdebstrap",
             "mmdebstrap",
             "--mode=root",
             "--variant=minbase",
@@ -147,15 +154,18 @@ def _clean_env(epoch: int) -> dict[str, str]:
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "PIP_NO_CACHE_DIR": "1",
         "TZ": "UTC",
+        "BUILD_HOSTNAME": BUILD_HOSTNAME,
     }
 
 
-# Runs as PID 1 of a new PID namespace with a private mount namespace: mounts made here are
-# never seen by the host and disappear with the namespace; when this script ends, the kernel
-# kills whatever the step left running.
+# Runs as PID 1 of a new PID namespace with private mount and UTS namespaces: mounts made
+# here are never seen by the host and disappear with the namespace; when this script ends, the
+# kernel kills whatever the step left running; a package that records the host name (a
+# certificate's subject, a config file) records the same fixed name on every build host.
 _WRAPPER: Final = r"""
 set -e
 root="$1"; shift
+hostname "$BUILD_HOSTNAME"
 mount -t proc proc "$root/proc"
 mount -t tmpfs -o mode=0755,size=16m starlight-dev "$root/dev"
 mknod -m 666 "$root/dev/null" c 1 3
@@ -198,6 +208,7 @@ def run(
     command = [
         "unshare",
         "--mount",
+        "--uts",
         "--pid",
         "--fork",
         "--propagation",

@@ -210,7 +210,8 @@ a2enconf -q servername
             """
 export PORT="${PORT:-80}"
 . /etc/apache2/envvars
-mkdir -p "$APACHE_RUN_DIR" "$APACHE_LOCK_DIR" "$APACHE_LOG_DIR"
+# containerd mounts an empty tmpfs on /run, where /var/lock points.
+mkdir -p /run/lock "$APACHE_RUN_DIR" "$APACHE_LOCK_DIR" "$APACHE_LOG_DIR"
 rm -f "$APACHE_PID_FILE"
 exec apache2 -DFOREGROUND
 """
@@ -239,7 +240,12 @@ _POSTGRES = Workload(
             before="mkdir -p /etc/postgresql-common/createcluster.d\n"
             "echo 'create_main_cluster = false' "
             "> /etc/postgresql-common/createcluster.d/no-main-cluster.conf",
-            after="mkdir -p /var/lib/postgresql/data /var/run/postgresql\n"
+            # ssl-cert's postinst made a random snakeoil key named after the build host:
+            # neither belongs in an image (the server here runs without TLS).
+            after="rm -f /etc/ssl/private/ssl-cert-snakeoil.key "
+            "/etc/ssl/certs/ssl-cert-snakeoil.pem\n"
+            "find /etc/ssl/certs -xtype l -delete\n"
+            "mkdir -p /var/lib/postgresql/data /var/run/postgresql\n"
             "chown postgres:postgres /var/lib/postgresql/data /var/run/postgresql\n"
             "chmod 700 /var/lib/postgresql/data\n"
             "chmod 2777 /var/run/postgresql",
@@ -306,7 +312,8 @@ exec mariadbd --user=mysql --datadir=/var/lib/mysql --port="$port" --bind-addres
     },
     entrypoint=(ENTRYPOINT,),
     port=3306,
-    probe=Probe(kind="log", pattern=r"ready for connections"),
+    # The server greets a client (protocol handshake, with its version) once it serves.
+    probe=Probe(kind="tcp", port=3306, expect=b"MariaDB"),
     ready_log=r"ready for connections",
 )
 

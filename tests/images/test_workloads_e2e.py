@@ -1,0 +1,164 @@
+"""Workload images for real: built twice from pinned packages (same digests), and started with
+stock containerd (``ctr run --net-host``) until their readiness probe answers.
+
+Building needs root (mmdebstrap, chroot, namespaces) and the package cache or the network.
+Big images take minutes to build: they are only started here when already in the cache, or
+when ``STARLIGHT_WORKLOAD_IMAGES`` asks (``build``: build what is missing; ``all``: also start
+the two v2 images of each workload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.images.apt import AptError
+from benchmarks.images.builder import LOCK_PATH, Builder, Layer
+from benchmarks.images.debian import CACHE
+from benchmarks.images.smoke import run_workload
+from benchmarks.images.workloads import BUILDS, WORKLOADS, publish, tag_for
+from benchmarks.services.containerd import Containerd
+from benchmarks.services.registry import Registry
+
+pytestmark = pytest.mark.e2e
+
+_MODE = os.environ.get("STARLIGHT_WORKLOAD_IMAGES", "")
+
+
+def _needs_tools() -> None:
+    for tool in ("mmdebstrap", "unshare", "chroot", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+
+@pytest.fixture
+def lock_copy(tmp_path: Path) -> Path:
+    """Builds in tests resolve into a copy: the committed lock is never rewritten by them."""
+    path = tmp_path / "workloads.lock.json"
+    shutil.copy(LOCK_PATH, path)
+    return path
+
+
+def _build(
+    builder: Builder, name: str, version: str = "v1", kind: str = "app-update"
+) -> list[Layer]:
+    try:
+        return builder.build(WORKLOADS[name], version, kind)
+    except AptError as exc:
+        if "left the archive" in str(exc) or "failed (" in str(exc):
+            pytest.skip(f"pinned packages not available (no cache, no network?): {exc}")
+        raise
+
+
+def _members(layer: Layer) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(layer.tar) as archive:
+        return {m.name.rstrip("/"): m for m in archive.getmembers()}
+
+
+def test_rebuilding_an_image_gives_the_same_digests(tmp_path: Path, lock_copy: Path) -> None:
+    """redis v1 built twice from scratch (base bootstrapped again, every step run again) in
+    two separate stores: every layer is byte-identical."""
+    _needs_tools()
+    first = _build(Builder(CACHE, store=tmp_path / "one", lock_path=lock_copy), "redis")
+    second = _build(Builder(CACHE, store=tmp_path / "two", lock_path=lock_copy), "redis")
+    assert [layer.diff_id for layer in first] == [layer.diff_id for layer in second]
+    assert [layer.digest for layer in first] == [layer.digest for layer in second]
+    assert len(first) == 1 + len(WORKLOADS["redis"].steps)
+
+    base, app, entrypoint = (_members(layer) for layer in first)
+    # The base looks like debian:bookworm: deb.debian.org sources, no device nodes, no
+    # build-host files, no apt lists or logs.
+    assert "etc/apt/sources.list.d/debian.sources" in base
+    assert not [name for name in base if name.startswith("dev/")]
+    for leftover in (
+        "etc/hostname",
+        "etc/resolv.conf",
+        "var/log/dpkg.log",
+        "var/cache/ldconfig/aux-cache",
+    ):
+        assert leftover not in base
+    assert not [n for n in base if n.startswith("var/lib/apt/lists/") and "/." not in n]
+    assert base["usr/bin/apt-get"].isfile()
+    assert base["bin"].issym()
+    assert base["bin"].linkname == "usr/bin"
+    # The application layer: the package's files with their owners, the cleanup as a
+    # Dockerfile does it, nothing from the build host.
+    assert app["usr/bin/redis-check-rdb"].isfile()
+    assert app["etc/redis/redis.conf"].uid != 0
+    assert app["data"].uid == app["etc/redis/redis.conf"].uid
+    assert "etc/passwd" in app
+    assert not [
+        n for n in app if n.startswith(("var/log/apt/", "tmp/", "var/cache/apt/archives/partial/"))
+    ]
+    assert all(info.mtime <= first[1].created for info in app.values())
+    assert all((info.uname, info.gname) == ("", "") for info in app.values())
+    assert entrypoint["usr/local/bin/docker-entrypoint.sh"].mode == 0o755
+
+
+# --- running them ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    with Containerd(tmp_path_factory.mktemp("containerd")) as instance:
+        yield instance
+
+
+def _start(
+    name: str,
+    version: str,
+    kind: str,
+    registry: Registry,
+    containerd: Containerd,
+    workdir: Path,
+    *,
+    convert: bool = False,
+) -> None:
+    workload = WORKLOADS[name]
+    repository = f"wl-{uuid.uuid4().hex[:8]}/{name}"
+    image = asyncio.run(
+        publish(name, version, registry.host, kind=kind, repository=repository, convert=convert)
+    )
+    references = [image.original] + ([image.starlight] if image.starlight else [])
+    for reference in references:
+        containerd.ctr("images", "pull", "--plain-http", str(reference), timeout=900)
+        ready = run_workload(
+            containerd, reference, workload, log=workdir / f"{uuid.uuid4().hex}.log", timeout=180
+        )
+        assert ready.log_seconds is not None, f"no ready line /{workload.ready_log}/ in output"
+
+
+def test_redis_starts_with_stock_containerd(
+    registry: Registry, containerd: Containerd, tmp_path: Path
+) -> None:
+    """Pushed, converted, pulled by stock containerd, both started with --net-host: the
+    PING probe answers +PONG and the ready line appears (original and Starlight format)."""
+    _needs_tools()
+    _build(Builder(CACHE), "redis")
+    _start("redis", "v1", "app-update", registry, containerd, tmp_path, convert=True)
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workload_starts(
+    name: str, registry: Registry, containerd: Containerd, tmp_path: Path
+) -> None:
+    _needs_tools()
+    builder = Builder(CACHE)
+    builds = list(BUILDS) if _MODE == "all" else [("v1", "app-update")]
+    missing = [
+        tag_for(version, kind)
+        for version, kind in builds
+        if not builder.cached(WORKLOADS[name], version, kind)
+    ]
+    if missing and _MODE not in ("build", "all"):
+        pytest.skip(f"{name}:{','.join(missing)} not built (STARLIGHT_WORKLOAD_IMAGES=build)")
+    for version, kind in builds:
+        _build(builder, name, version, kind)
+        _start(name, version, kind, registry, containerd, tmp_path)
