@@ -93,6 +93,9 @@ def test_core_modules_declare_all(module_name: str) -> None:
         assert hasattr(module, name), f"{module_name}.__all__ names missing {name}"
 
 
+_PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+
+
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
 def test_each_distribution_builds_alone(name: str, tmp_path: Path) -> None:
     """A wheel built from the folder alone carries its package and declares its own deps."""
@@ -102,8 +105,7 @@ def test_each_distribution_builds_alone(name: str, tmp_path: Path) -> None:
     shutil.copytree(ROOT / name, source, ignore=shutil.ignore_patterns("*.egg-info", "build"))
     out = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["-w", str(out), str(source)],
+        [*_PIP_WHEEL, "-w", str(out), str(source)],
         check=True,
         capture_output=True,
         cwd=source,
