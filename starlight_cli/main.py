@@ -10,8 +10,10 @@ from starlight_cli import __version__
 from starlight_cli.commands.convert import convert
 from starlight_cli.commands.images import images
 from starlight_cli.commands.notify import notify
+from starlight_cli.commands.optimizer import optimizer
 from starlight_cli.commands.ping import ping
 from starlight_cli.commands.pull import pull
+from starlight_cli.commands.report import report
 from starlight_cli.commands.reset import reset
 
 __all__ = ["cli", "main"]
@@ -31,6 +33,8 @@ cli.add_command(reset)
 cli.add_command(images)
 cli.add_command(notify)
 cli.add_command(ping)
+cli.add_command(optimizer)
+cli.add_command(report)
 
 
 @cli.command()

@@ -10,6 +10,10 @@ Example (every key optional; these are the defaults)::
     namespace = "default"                   # containerd namespace for pulls
     content_timeout = 300                   # a read of content that cannot arrive fails (EIO)
     pull_retries = 5                        # reconnects of one pull before giving up
+    retry_backoff_max = 60                  # longest wait between background retries of a pull
+    remote_timeout = 120                    # remote-snapshot Prepare: wait for the header
+    detach_after = 30                       # a complete layer unused this long leaves FUSE
+    metrics_address = ""                    # HOST:PORT serving GET /metrics ("": none)
     log_level = "info"
 
 Environment variables ``STARLIGHT_<KEY>`` (upper case) override the file; flags override both.
@@ -41,6 +45,16 @@ class DaemonConfig:
     namespace: str = "default"
     content_timeout: float = 300.0
     pull_retries: int = 5
+    retry_backoff_max: float = 60.0
+    """A pull that fails after its image is ready (containers may run on it) is retried in
+    the background forever, waiting longer each time, at most this many seconds."""
+    remote_timeout: float = 120.0
+    """Seconds a remote-snapshot Prepare waits for the bundle header before declining."""
+    detach_after: float = 30.0
+    """Seconds a complete layer no mount uses stays attached to FUSE before the reaper
+    detaches it."""
+    metrics_address: str = ""
+    """``HOST:PORT`` where the daemon serves Prometheus metrics (``GET /metrics``)."""
     log_level: str = "info"
 
     @property

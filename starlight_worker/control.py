@@ -11,8 +11,9 @@ import anyio
 from grpclib import GRPCError, Status
 from grpclib.server import Stream
 
-from starlight_core.errors import StarlightError
+from starlight_core.errors import InvalidInput, StarlightError
 from starlight_core.platform import Platform
+from starlight_core.proxy_client import ProxyClient
 from starlight_core.reference import Reference
 from starlight_worker import __version__
 from starlight_worker.api import control_grpc
@@ -161,16 +162,49 @@ class ControlService(control_grpc.ControlBase):
                 layers_complete=counts[1],
                 pulls_active=len(daemon.pulls.active),
                 fuse_layers=daemon.layers.attached,
+                optimizer=daemon.tracer is not None and daemon.tracer.state.enabled,
+                optimizer_group=(daemon.tracer.state.group or "") if daemon.tracer else "",
             )
         )
 
     async def Optimizer(self, stream: Stream[pb.OptimizerRequest, pb.OptimizerResponse]) -> None:
-        await _request(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "the optimizer (start-up traces) is not built yet")
+        request = await _request(stream)
+        tracer = self.daemon.tracer
+        assert tracer is not None
+        with _grpc_errors():
+            if request.enable:
+                state = await tracer.enable(request.group or None)
+            else:
+                if request.group:
+                    raise InvalidInput("a group is given when turning the optimizer on")
+                state = await tracer.disable()
+            pending = await anyio.to_thread.run_sync(tracer.pending)
+        await stream.send_message(
+            pb.OptimizerResponse(
+                enabled=state.enabled, group=state.group or "", traces_pending=len(pending)
+            )
+        )
 
     async def Report(self, stream: Stream[pb.ReportRequest, pb.ReportResponse]) -> None:
-        await _request(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "trace reports are not built yet")
+        request = await _request(stream)
+        tracer = self.daemon.tracer
+        assert tracer is not None
+        config = self.daemon.config
+        with _grpc_errors():
+            url = request.proxy or config.proxy
+            # The daemon's credentials are for its own proxy only.
+            user = config.proxy_user if url == config.proxy else ""
+            async with ProxyClient(url, user=user or None, timeout=60.0) as proxy:
+                outcome = await tracer.report(proxy)
+        await stream.send_message(
+            pb.ReportResponse(
+                traces_sent=outcome.sent,
+                traces_already_sent=outcome.already_sent,
+                images=list(outcome.images),
+                rejected=list(outcome.rejected),
+                traces_pending=outcome.pending,
+            )
+        )
 
     async def Reset(self, stream: Stream[pb.ResetRequest, pb.ResetResponse]) -> None:
         request = await _request(stream)

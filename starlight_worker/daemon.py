@@ -4,45 +4,84 @@ Sockets (under ``run_dir``): ``snapshotter.sock`` for containerd's proxy plugin,
 ``daemon.sock`` for ``ctr-starlight``, ``fused.sock`` for the FUSE server — a separate,
 long-lived process (started here when absent) so that restarting the daemon never breaks a
 running container's mounts.
+
+Restarts: the FUSE server outlives the daemon, so containers keep reading what is on disk
+while the daemon is away (a read of a content still missing waits, up to ``content_timeout``).
+On start the daemon adopts the layers the FUSE server still serves, attaches those the
+snapshots need, and resumes every pull the store recorded as RUNNING from what is verified on
+disk (``Pull`` names those contents to the proxy: nothing travels twice). A pull that fails
+after its image was READY is retried in the background with a growing delay, forever: running
+containers depend on it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 
 import anyio
 import anyio.abc
 import attrs
 
+from starlight_core.errors import StarlightError
+from starlight_core.platform import Platform
 from starlight_core.proxy_client import ProxyClient
+from starlight_core.reference import Reference
 from starlight_worker.config import DaemonConfig
 from starlight_worker.containerd import ContainerdClient
 from starlight_worker.fs import AsyncFsClient, ensure_running
-from starlight_worker.layers import StarlightLayers
+from starlight_worker.layers import LABEL_LAYER, StarlightLayers
+from starlight_worker.metrics import Metrics, serve_metrics
 from starlight_worker.puller import Pull, PullOptions
+from starlight_worker.remote import RemoteSnapshots
 from starlight_worker.snapshotter import Snapshotter, serve_snapshots, serve_unix
-from starlight_worker.store import Store
+from starlight_worker.store import PullState, Store
 
-__all__ = ["Daemon", "PullManager"]
+__all__ = ["Daemon", "PullManager", "retry_delay"]
 
 log = logging.getLogger(__name__)
 
 _REAP_INTERVAL = 10.0
+_FIRST_RETRY = 1.0
+
+
+def retry_delay(attempt: int, maximum: float) -> float:
+    """Seconds before background retry number ``attempt`` (1, 2, ...): doubling from one
+    second, at most ``maximum``."""
+    return min(maximum, _FIRST_RETRY * math.pow(2, min(attempt - 1, 30)))
 
 
 class PullManager:
     """Runs pulls in the daemon's task group; a second request for the same image joins the
-    pull under way instead of starting another."""
+    pull under way instead of starting another.
 
-    def __init__(self, tasks: anyio.abc.TaskGroup, make: Callable[[PullOptions], Pull]) -> None:
+    A pull that fails once its image is READY (``Pull.usable``) is continued in the background
+    (``register=False``, same store record) after ``retry_delay``, again and again until it
+    completes: containers started on the image need its contents, and the proxy or the disk
+    may come back at any time. A new request for the image meanwhile simply starts it now."""
+
+    def __init__(
+        self,
+        tasks: anyio.abc.TaskGroup,
+        make: Callable[[PullOptions], Pull],
+        *,
+        backoff_max: float = 60.0,
+    ) -> None:
         self._tasks = tasks
         self._make = make
+        self.backoff_max = backoff_max
         self._active: dict[tuple[str, str, str], Pull] = {}
+        self._retrying: dict[tuple[str, str, str], int] = {}
+        """Images waiting for a background retry → attempts so far."""
+
+    @staticmethod
+    def _key(options: PullOptions) -> tuple[str, str, str]:
+        return (str(options.reference), str(options.platform), options.namespace)
 
     def start(self, options: PullOptions) -> Pull:
-        key = (str(options.reference), str(options.platform), options.namespace)
+        key = self._key(options)
         pull = self._active.get(key)
         if pull is not None and not pull.done.is_set():
             return pull
@@ -57,6 +96,32 @@ class PullManager:
         finally:
             if self._active.get(key) is pull:
                 del self._active[key]
+        if pull.error is None:
+            self._retrying.pop(key, None)
+        elif pull.usable and pull.record_id is not None:
+            attempt = self._retrying.get(key, 0) + 1
+            self._retrying[key] = attempt
+            delay = retry_delay(attempt, self.backoff_max)
+            log.warning(
+                "pull of %s stopped (%s); its image is in use: retrying in %.0fs (attempt %d)",
+                pull.options.reference,
+                pull.error,
+                delay,
+                attempt,
+            )
+            continuation = attrs.evolve(pull.options, register=False, record_id=pull.record_id)
+            self._tasks.start_soon(self._retry, key, continuation, delay)
+
+    async def _retry(self, key: tuple[str, str, str], options: PullOptions, delay: float) -> None:
+        await anyio.sleep(delay)
+        if key in self._active:
+            return  # someone asked for the image meanwhile: that pull carries on
+        self.start(options)
+
+    @property
+    def retrying(self) -> list[str]:
+        """References waiting for a background retry."""
+        return sorted({key[0] for key in self._retrying if key not in self._active})
 
     @property
     def active(self) -> list[Pull]:
@@ -71,6 +136,8 @@ class Daemon:
     snapshotter: Snapshotter | None = None
     pulls: PullManager | None = None
     fused: AsyncFsClient | None = None
+    metrics: Metrics = attrs.Factory(Metrics)
+    remote: RemoteSnapshots | None = None
 
     def proxy_client(self) -> ProxyClient:
         return ProxyClient(self.config.proxy, user=self.config.proxy_user or None, timeout=60.0)
@@ -88,6 +155,7 @@ class Daemon:
             proxy=self.proxy_client,
             containerd=self.containerd,
             retries=self.config.pull_retries,
+            metrics=self.metrics,
         )
 
     async def run(
@@ -107,13 +175,31 @@ class Daemon:
             )
         )
         self.fused = AsyncFsClient(config.fused_socket)
-        self.layers = StarlightLayers(self.store, self.fused, config.fuse_mountpoint)
+        self.layers = StarlightLayers(
+            self.store,
+            self.fused,
+            config.fuse_mountpoint,
+            detach_grace=config.detach_after,
+            metrics=self.metrics,
+        )
         self.snapshotter = Snapshotter(
             str(config.snapshotter_root), layer_source=self.layers, remote=self.layers
         )
         try:
             async with anyio.create_task_group() as tasks:
-                self.pulls = PullManager(tasks, self._make_pull)
+                self.pulls = PullManager(
+                    tasks, self._make_pull, backoff_max=config.retry_backoff_max
+                )
+                self.remote = RemoteSnapshots(
+                    self.pulls,
+                    namespace=config.namespace,
+                    timeout=config.remote_timeout,
+                    metrics=self.metrics,
+                )
+                self.layers.remote_fallback = self.remote.prepare
+                if config.metrics_address:
+                    await tasks.start(serve_metrics, self.metrics, config.metrics_address)
+                await self._recover()
                 await tasks.start(serve_snapshots, self.snapshotter, str(config.snapshotter_socket))
                 await tasks.start(serve_unix, [ControlService(self)], str(config.control_socket))
                 tasks.start_soon(self._reaper)
@@ -190,10 +276,78 @@ class Daemon:
             await self.snapshotter.cleanup()
         return removed
 
+    # -- restarts --------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """After a start: adopt what the FUSE server still serves, attach what snapshots need,
+        and resume interrupted pulls. Idempotent (a first start finds nothing to do)."""
+        assert self.layers is not None
+        assert self.snapshotter is not None
+        snapshots = await self.snapshotter.walk()
+        needed = sorted({s.labels[LABEL_LAYER] for s in snapshots if s.labels.get(LABEL_LAYER)})
+        try:
+            adopted, attached = await self.layers.recover(needed)
+        except StarlightError as exc:
+            # Not fatal: each layer is attached again when a mount asks for it.
+            log.warning("re-attaching FUSE layers after the restart failed: %s", exc)
+        else:
+            if adopted or attached:
+                log.info(
+                    "FUSE server still serves %d layers; attached %d more for existing snapshots",
+                    len(adopted),
+                    len(attached),
+                )
+        await self._resume_pulls()
+
+    async def _resume_pulls(self) -> None:
+        """Continue every pull the store recorded as RUNNING (newest per image). One that had
+        not reached READY is marked failed: its caller saw the error and pulls again."""
+        assert self.store is not None
+        assert self.pulls is not None
+        store = self.store
+        records = await anyio.to_thread.run_sync(store.pulls, PullState.RUNNING)
+        seen: set[tuple[str, str]] = set()
+        for record in records:  # newest first
+            image = await anyio.to_thread.run_sync(
+                functools.partial(store.image, record.reference, namespace=record.namespace)
+            )
+            why = ""
+            if (record.reference, record.namespace) in seen:
+                why = "superseded by a later pull of the same image"
+            elif not record.bundle_id or image is None:
+                why = "interrupted by a daemon restart before the image was ready; pull again"
+            if why:
+                await anyio.to_thread.run_sync(
+                    functools.partial(store.finish_pull, record.id, error=why)
+                )
+                continue
+            assert image is not None
+            seen.add((record.reference, record.namespace))
+            if image.complete:
+                await anyio.to_thread.run_sync(store.finish_pull, record.id)
+                continue
+            log.info(
+                "resuming the pull of %s after a restart (%d of %d bytes local)",
+                record.reference,
+                image.bytes_local,
+                image.bytes_total,
+            )
+            self.metrics.pulls.labels("resumed").inc()
+            self.pulls.start(
+                PullOptions(
+                    reference=Reference.parse(record.reference),
+                    platform=Platform.parse(image.platform),
+                    namespace=record.namespace,
+                    register=False,
+                    record_id=record.id,
+                )
+            )
+
     async def _reaper(self) -> None:
         assert self.layers is not None
+        interval = max(0.2, min(_REAP_INTERVAL, self.config.detach_after / 3))
         while True:
-            await anyio.sleep(_REAP_INTERVAL)
+            await anyio.sleep(interval)
             try:
                 await self.layers.reap()
             except Exception:

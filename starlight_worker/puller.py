@@ -398,7 +398,7 @@ class Pull:
         that none travels twice. Opening the layers reconciles the store with the disk (after
         a crash the database may lag behind the files placed)."""
         image = self.store.image(str(self.options.reference), namespace=self.options.namespace)
-        if image is None or image.complete:
+        if image is None:
             return ()
         wanted: set[Digest] = set()
         for key in image.layers:

@@ -4,8 +4,10 @@ The store lives under ``workdir/root``; sockets go to a short directory under ``
 socket paths are limited to 108 bytes). ``stop()`` stops the daemon; ``close()`` also detaches
 every layer from the FUSE server, shuts it down and unmounts what is left, so nothing survives
 the test. ``kill()`` is a ``kill -9`` of the daemon alone (the FUSE server keeps running), as a
-crash would be. ``netns`` runs the daemon (and the FUSE server it starts) inside that network
-namespace (``benchmarks.wan``); only the network namespace changes, mounts stay shared.
+crash would be; ``start()`` again is the restart. ``metrics=True`` serves the daemon's
+Prometheus metrics on a free loopback port (``metric(name, **labels)`` reads one). ``netns``
+runs the daemon (and the FUSE server it starts) inside that network namespace
+(``benchmarks.wan``); only the network namespace changes, mounts stay shared.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final
 
-from benchmarks.services import wait_for
+from benchmarks.services import free_port, wait_for
 from benchmarks.wan.netns import netns_argv
 
 __all__ = ["DaemonProcess"]
@@ -48,6 +52,7 @@ class DaemonProcess:
         content_timeout: float = 60.0,
         extra: dict[str, str] | None = None,
         netns: str | None = None,
+        metrics: bool = False,
     ) -> None:
         self.workdir = Path(workdir).absolute()
         self.netns = netns
@@ -58,6 +63,7 @@ class DaemonProcess:
         self.namespace = namespace
         self.content_timeout = content_timeout
         self.extra = dict(extra or {})
+        self.metrics_port = free_port() if metrics else None
         self.log_path = self.workdir / "daemon.log"
         self.config_path = self.workdir / "daemon.toml"
         self._process: subprocess.Popen[bytes] | None = None
@@ -98,6 +104,11 @@ class DaemonProcess:
             "namespace": self.namespace,
             "content_timeout": self.content_timeout,
             "log_level": "debug",
+            **(
+                {"metrics_address": f"127.0.0.1:{self.metrics_port}"}
+                if self.metrics_port is not None
+                else {}
+            ),
             **self.extra,
         }
         text = "".join(
@@ -122,13 +133,23 @@ class DaemonProcess:
         )
         try:
             wait_for(
-                lambda: self._check_alive() and os.path.exists(self.control_socket),
+                lambda: self._check_alive() and self._answers(),
                 timeout=_START_TIMEOUT,
                 what="starlight-daemon",
             )
         except BaseException:
             self.stop()
             raise
+
+    def _answers(self) -> bool:
+        """The control socket accepts connections (after a kill, a stale socket file stays
+        until the new daemon replaces it)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(self.control_socket)
+            except OSError:
+                return False
+        return True
 
     def _check_alive(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
@@ -175,6 +196,22 @@ class DaemonProcess:
             check=False,
         )
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one sample of the daemon's metrics (0 when absent)."""
+        if self.metrics_port is None:
+            raise RuntimeError("start the daemon with metrics=True")
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        wanted = name + (
+            "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+        )
+        for line in text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == wanted:
+                return float(value)
+        return 0.0
 
     def log(self) -> str:
         try:

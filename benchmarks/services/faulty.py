@@ -3,8 +3,10 @@
 ``FaultyProxy(upstream)`` listens on a loopback port and forwards every request to
 ``upstream`` (keeping the ``Host`` header, so a registry's ``Location`` URLs point back at the
 forwarder). Faults are planned per request: answer a status instead of forwarding (``fail``),
-cut a response body after N bytes (``cut_after``), or slow a body down (``rate``). Tests use it
-to make a real registry or proxy fail and recover on cue.
+cut a response body after N bytes (``cut_after``), slow a body down (``rate``), or flip one
+byte of it (``corrupt_at``). A fault can also keep a copy of each body it forwarded
+(``capture``) and counts the body bytes it sent (``sent``), so tests can tell exactly what a
+client received. Tests use it to make a real registry or proxy fail and recover on cue.
 """
 
 from __future__ import annotations
@@ -43,7 +45,14 @@ class Fault:
     """Forward, but drop the connection after this many body bytes."""
     rate: float | None = None
     """Forward, but deliver the body at about this many bytes per second."""
+    corrupt_at: int | None = None
+    """Forward, but flip every bit of the body byte at this offset."""
+    capture: bool = False
+    """Keep a copy of each body sent (``bodies``, one per hit, in order)."""
     hits: int = 0
+    sent: int = 0
+    """Body bytes sent to clients by the requests this fault matched."""
+    bodies: list[bytearray] = attrs.Factory(list)
 
 
 class FaultyProxy:
@@ -99,6 +108,10 @@ class FaultyProxy:
         response = await client.send(upstream, stream=True)
         out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
 
+        captured = bytearray()
+        if fault is not None and fault.capture:
+            fault.bodies.append(captured)
+
         async def body() -> AsyncIterator[bytes]:
             sent = 0
             try:
@@ -110,7 +123,15 @@ class FaultyProxy:
                         chunk = chunk[:room]
                     if fault is not None and fault.rate:
                         await asyncio.sleep(len(chunk) / fault.rate)
+                    if fault is not None and fault.corrupt_at is not None:
+                        at = fault.corrupt_at - sent
+                        if 0 <= at < len(chunk):
+                            chunk = chunk[:at] + bytes([chunk[at] ^ 0xFF]) + chunk[at + 1 :]
                     sent += len(chunk)
+                    if fault is not None:
+                        fault.sent += len(chunk)
+                        if fault.capture:
+                            captured.extend(chunk)
                     yield chunk
             finally:
                 await response.aclose()

@@ -127,14 +127,18 @@ class ReportRequest(_message.Message):
     def __init__(self, proxy: _Optional[str] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
-    __slots__ = ("traces_sent", "traces_already_sent", "images")
+    __slots__ = ("traces_sent", "traces_already_sent", "images", "rejected", "traces_pending")
     TRACES_SENT_FIELD_NUMBER: _ClassVar[int]
     TRACES_ALREADY_SENT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    TRACES_PENDING_FIELD_NUMBER: _ClassVar[int]
     traces_sent: int
     traces_already_sent: int
     images: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, traces_sent: _Optional[int] = ..., traces_already_sent: _Optional[int] = ..., images: _Optional[_Iterable[str]] = ...) -> None: ...
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    traces_pending: int
+    def __init__(self, traces_sent: _Optional[int] = ..., traces_already_sent: _Optional[int] = ..., images: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ..., traces_pending: _Optional[int] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("count",)

@@ -30,7 +30,7 @@ from starlight_core import wire
 from starlight_core.errors import AlreadyExists, InvalidInput, NotFound
 from starlight_core.layer.toc import TOC
 from starlight_worker.fs.arrivals import Arrivals
-from starlight_worker.fs.protocol import AttachedLayerInfo
+from starlight_worker.fs.protocol import ALIAS_SEPARATOR, AttachedLayerInfo
 from starlight_worker.fs.tracing import Tracer
 from starlight_worker.fs.tree import LayerTree, Node, fuse_name, toc_name
 
@@ -159,16 +159,28 @@ class LayerFilesystem:
                 return False
             layer.detached = True
             self._root_changed(layer_key)
+        self.tracer.forget(layer_key)
         self._arrivals.wake_range(layer.tree.inodes)
         log.info("detached layer %s", layer_key)
         return True
 
     def arrived(self, layer_key: str, names: Iterable[str]) -> int:
-        layer = self._layers.get(layer_key)
-        if layer is None:
+        """Wake the readers of these files in ``layer_key`` and in its aliases."""
+        alias_prefix = layer_key + ALIAS_SEPARATOR
+        layers = [
+            layer
+            for key, layer in list(self._layers.items())
+            if key == layer_key or key.startswith(alias_prefix)
+        ]
+        if not layers:
             return 0
-        nodes = layer.tree.nodes
-        inos = [node.ino for n in names if (node := nodes.get(fuse_name(n))) is not None]
+        wanted = [fuse_name(n) for n in names]
+        inos = [
+            node.ino
+            for layer in layers
+            for name in wanted
+            if (node := layer.tree.nodes.get(name)) is not None
+        ]
         return self._arrivals.wake(inos)
 
     def layers(self) -> list[AttachedLayerInfo]:
@@ -179,6 +191,7 @@ class LayerFilesystem:
                 path=str(self.path_of(layer.key)),
                 entries=len(layer.tree.nodes),
                 complete=(layer.layer_dir / "complete").exists(),
+                attached_ns=layer.attached_ns,
             )
             for layer in list(self._layers.values())
         ]

@@ -19,12 +19,14 @@ A connection may carry any number of requests, answered in order. Ops:
     → ``{"detached": bool}`` (false if it was not attached). Readers still waiting on the
     layer's files get EIO.
 ``arrived {layer_key, names}``
-    → ``{"woken": n}``: these files' contents are in place; wake their readers. A hint only:
-    readers re-check on their own every poll interval anyway.
+    → ``{"woken": n}``: these files' contents are in place; wake their readers, in the layer
+    and in its aliases (keys ``<layer_key>@<suffix>``: other views of the same directory, one
+    per traced container). A hint only: readers re-check on their own every poll interval.
 ``list``
     → ``[AttachedLayerInfo, ...]``.
 ``trace_on`` / ``trace_off``
-    → ``{}``. ``trace_on`` starts a fresh trace (first accesses are counted from then on).
+    → ``{}``. ``trace_on`` starts a fresh trace (first accesses are counted from then on); while
+    tracing is on already it changes nothing (a restarted daemon loses no undrained record).
 ``trace_drain``
     → ``[Access, ...]``: the first accesses recorded since the last drain, then forgotten.
 ``shutdown``
@@ -42,6 +44,7 @@ import attrs
 from starlight_core import errors, wire
 
 __all__ = [
+    "ALIAS_SEPARATOR",
     "EXIT_ALREADY_RUNNING",
     "MAX_LINE",
     "OPS",
@@ -56,6 +59,9 @@ __all__ = [
     "encode_result",
     "error_class",
 ]
+
+ALIAS_SEPARATOR: Final = "@"
+"""A key ``<layer key>@<suffix>`` is an alias: another view of that layer's directory."""
 
 EXIT_ALREADY_RUNNING: Final = 3
 """The server's exit status when another server already owns its socket."""
@@ -95,6 +101,10 @@ class AttachedLayerInfo:
     entries: int
     complete: bool
     """``<layer_dir>/complete`` exists: the daemon may stop using FUSE for this layer."""
+    attached_ns: int = 0
+    """``time.monotonic_ns()`` when it was attached: the origin of its accesses' ``t_ns``
+    (the monotonic clock is the machine's, so other processes can compare; 0 from a server
+    that predates this field)."""
 
 
 @attrs.frozen

@@ -19,13 +19,16 @@ class Tracer:
     def __init__(self) -> None:
         self.enabled = False
         self._lock = threading.Lock()
-        self._seen: set[tuple[str, str]] = set()
+        self._seen: dict[str, set[str]] = {}
+        """Per layer key, the names recorded already."""
         self._records: list[Access] = []
 
     def start(self) -> None:
+        """Start a fresh trace; while one is on already, keep it (and its undrained records)."""
         with self._lock:
-            self._seen.clear()
-            self._records.clear()
+            if not self.enabled:
+                self._seen.clear()
+                self._records.clear()
             self.enabled = True
 
     def stop(self) -> None:
@@ -36,12 +39,22 @@ class Tracer:
             records, self._records = self._records, []
         return records
 
+    def forget(self, layer_key: str) -> None:
+        """The layer was detached: what it saw is no longer needed (a key attached again
+        starts afresh)."""
+        with self._lock:
+            self._seen.pop(layer_key, None)
+
     def record(self, layer_key: str, attached_ns: int, name: str, kind: str) -> None:
         """Note an access to ``name`` (FUSE form) unless this file was already recorded."""
-        key = (layer_key, name)
         now = time.monotonic_ns()
         with self._lock:
-            if not self.enabled or key in self._seen:
+            if not self.enabled:
                 return
-            self._seen.add(key)
+            seen = self._seen.get(layer_key)
+            if seen is None:
+                seen = self._seen[layer_key] = set()
+            elif name in seen:
+                return
+            seen.add(name)
             self._records.append(Access(now - attached_ns, layer_key, toc_name(name), kind))

@@ -26,6 +26,7 @@ from starlight_worker.snapshotter.server import (
 from starlight_worker.snapshotter.service import SnapshotsService
 from starlight_worker.snapshotter.snapshotter import (
     LayerSource,
+    Mounting,
     NoRemoteLayers,
     RemoteLayers,
     Snapshotter,
@@ -36,6 +37,7 @@ __all__ = [
     "Kind",
     "LayerSource",
     "Mount",
+    "Mounting",
     "NoRemoteLayers",
     "RemoteLayers",
     "SnapshotInfo",

@@ -67,6 +67,8 @@ class Snapshot:
     id: int
     kind: Kind
     parents: tuple[StoredSnapshot, ...] = ()
+    info: SnapshotInfo | None = None
+    """The snapshot's own info (a layer source may want to know whose mounts it serves)."""
 
 
 @attrs.frozen
@@ -106,7 +108,7 @@ class Transaction:
         """Ancestry of an active or view snapshot, for its mounts."""
         stored = self.get(key)
         lifecycle.check(stored.info.kind, Operation.MOUNTS, key)
-        return Snapshot(stored.id, stored.info.kind, self._ancestry(stored))
+        return Snapshot(stored.id, stored.info.kind, self._ancestry(stored), stored.info)
 
     def walk(self, match: Filter) -> list[SnapshotInfo]:
         """Every snapshot matching ``match``, in id order."""
@@ -156,7 +158,8 @@ class Transaction:
         assert snapshot_id is not None
         self._write_labels(snapshot_id, cleaned)
         ancestry = (parent_row, *self._ancestry(parent_row)) if parent_row else ()
-        return Snapshot(snapshot_id, kind, ancestry)
+        info = SnapshotInfo(key, kind, parent, cleaned, created_ns=now, updated_ns=now)
+        return Snapshot(snapshot_id, kind, ancestry, info)
 
     def commit(self, key: str, name: str, usage: Usage, labels: Mapping[str, str] | None) -> int:
         """Turn active ``key`` into committed ``name`` (same id); labels are replaced."""

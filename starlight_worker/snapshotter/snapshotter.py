@@ -14,7 +14,9 @@ The seam for starlight's lazily fetched layers has two parts:
 - ``LayerSource.lower_dir`` gives the directory that stands for an external snapshot whenever
   mounts are computed (Prepare, View, Mounts): a FUSE path while the layer is still arriving,
   its on-disk directory once complete. A non-external snapshot is always its own ``fs``
-  directory.
+  directory. A source that also has ``lower_dir_for`` is asked that instead, with the snapshot
+  being mounted (``Mounting``): starlight's tracer gives each container its own view of its
+  layers, to tell its file accesses from those of other containers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import anyio.to_thread
+import attrs
 
 from starlight_core.errors import (
     AlreadyExists,
@@ -46,7 +49,7 @@ from starlight_worker.snapshotter.model import (
 )
 from starlight_worker.snapshotter.mounts import default_overlay_options, snapshot_mounts
 
-__all__ = ["LayerSource", "NoRemoteLayers", "RemoteLayers", "Snapshotter"]
+__all__ = ["LayerSource", "Mounting", "NoRemoteLayers", "RemoteLayers", "Snapshotter"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,18 @@ class LayerSource(Protocol):
         holds what Prepare was given (``containerd.io/snapshot.ref`` is the chain ID).
         """
         ...
+
+
+@attrs.frozen
+class Mounting:
+    """Whose mounts are being computed, for ``lower_dir_for``."""
+
+    snapshot: SnapshotInfo
+    """The active or view snapshot being mounted (a container's root filesystem…)."""
+    chain: tuple[SnapshotInfo, ...]
+    """Its committed parents, base layer first."""
+    index: int
+    """Position in ``chain`` of the parent asked about."""
 
 
 class RemoteLayers(Protocol):
@@ -269,6 +284,12 @@ class Snapshotter:
                 f"snapshot {parent.info.name!r} is provided by starlight but no layer source"
                 " is configured"
             )
+        lower_dir_for = getattr(self.layer_source, "lower_dir_for", None)
+        if lower_dir_for is not None and snapshot.info is not None:
+            chain = tuple(p.info for p in reversed(snapshot.parents))
+            mounting = Mounting(snapshot.info, chain, len(chain) - 1 - index)
+            path: str = await lower_dir_for(parent.info, mounting)
+            return path
         return await self.layer_source.lower_dir(parent.info)
 
     async def _provide_remote(
