@@ -38,6 +38,7 @@ from starlight_worker.puller import Pull, PullOptions
 from starlight_worker.remote import RemoteSnapshots
 from starlight_worker.snapshotter import Snapshotter, serve_snapshots, serve_unix
 from starlight_worker.store import PullState, Store
+from starlight_worker.tracer import Tracer, snapshot_exists
 
 __all__ = ["Daemon", "PullManager", "retry_delay"]
 
@@ -138,6 +139,7 @@ class Daemon:
     fused: AsyncFsClient | None = None
     metrics: Metrics = attrs.Factory(Metrics)
     remote: RemoteSnapshots | None = None
+    tracer: Tracer | None = None
 
     def proxy_client(self) -> ProxyClient:
         return ProxyClient(self.config.proxy, user=self.config.proxy_user or None, timeout=60.0)
@@ -185,6 +187,13 @@ class Daemon:
         self.snapshotter = Snapshotter(
             str(config.snapshotter_root), layer_source=self.layers, remote=self.layers
         )
+        self.tracer = self.layers.tracer = Tracer(
+            root=config.root,
+            store=self.store,
+            fused=self.fused,
+            fuse_mountpoint=config.fuse_mountpoint,
+            snapshot_exists=snapshot_exists(self.snapshotter, self.containerd),
+        )
         try:
             async with anyio.create_task_group() as tasks:
                 self.pulls = PullManager(
@@ -200,6 +209,8 @@ class Daemon:
                 if config.metrics_address:
                     await tasks.start(serve_metrics, self.metrics, config.metrics_address)
                 await self._recover()
+                await self.tracer.load()
+                tasks.start_soon(self.tracer.run)
                 await tasks.start(serve_snapshots, self.snapshotter, str(config.snapshotter_socket))
                 await tasks.start(serve_unix, [ControlService(self)], str(config.control_socket))
                 tasks.start_soon(self._reaper)
@@ -255,6 +266,9 @@ class Daemon:
                     for leaf in leaves:
                         await ctrd.remove_snapshot(leaf.name)
                     snapshots = [s for s in snapshots if s.name in parents]
+        if self.tracer is not None:
+            views = await self.tracer.release(dry_run=dry_run)
+            removed.extend(f"fuse layer {key}" for key in views)
         for key in self.layers.attached:
             removed.append(f"fuse layer {key}")
             if not dry_run:

@@ -25,14 +25,18 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from starlight_core.errors import FailedPrecondition
 from starlight_worker.fs import AsyncFsClient
 from starlight_worker.metrics import Metrics
-from starlight_worker.snapshotter import SnapshotInfo
+from starlight_worker.snapshotter import Mounting, SnapshotInfo
 from starlight_worker.store import LayerState, Store
+
+if TYPE_CHECKING:
+    from starlight_worker.tracer import Tracer
 
 __all__ = ["LABEL_IMAGE", "LABEL_LAYER", "StarlightLayers", "fuse_layers_in_use"]
 
@@ -125,6 +129,27 @@ class StarlightLayers:
 
     # -- LayerSource ---------------------------------------------------------------------
 
+    tracer: Tracer | None = None
+    """The optimizer (set by the daemon): while it is on, each container's mounts get views
+    of their layers of their own, served through FUSE (see ``starlight_worker.tracer``)."""
+
+    async def lower_dir_for(self, snapshot: SnapshotInfo, mounting: Mounting) -> str:
+        """``lower_dir`` when the snapshot being mounted is known: the tracer's view of the
+        layer for that container if it traces it, else as ``lower_dir``."""
+        layer = snapshot.labels.get(LABEL_LAYER)
+        if self.tracer is None or not layer:
+            return await self.lower_dir(snapshot)
+        state = await anyio.to_thread.run_sync(self.store.state, layer)
+        if state is LayerState.ABSENT:
+            return await self.lower_dir(snapshot)  # says what is wrong
+        traced = await self.tracer.lower_dir(layer, mounting)
+        if traced is None:
+            return await self.lower_dir(snapshot)
+        if state is LayerState.RECEIVING:
+            # Arrivals are announced for the layer's own key and reach its views from there.
+            await self.attach(layer)
+        return str(traced)
+
     async def lower_dir(self, snapshot: SnapshotInfo) -> str:
         layer = snapshot.labels.get(LABEL_LAYER)
         if not layer:
@@ -168,7 +193,8 @@ class StarlightLayers:
         adopted: list[str] = []
         async with self._lock:
             for info in served:
-                if info.layer_key not in self._attached:
+                # Aliases (``<layer>@…``) are the tracer's, which detaches them itself.
+                if info.layer_key not in self._attached and "@" not in info.layer_key:
                     self._attached[info.layer_key] = 0.0
                     adopted.append(info.layer_key)
         attached: list[str] = []
