@@ -95,9 +95,9 @@ def _demo(stack: Stack) -> int:
     steps: list[Step] = []
     held: set[str] = set()
     for tag, (source, _) in refs.items():
-        layers = asyncio.run(_layers(source))
-        transferred = sum(layer.size for layer in layers if layer.digest not in held)
-        held.update(layer.digest for layer in layers)
+        descriptors = asyncio.run(_layers(source))
+        transferred = sum(d.size for d in descriptors if d.digest not in held)
+        held.update(d.digest for d in descriptors)
         started = time.monotonic()
         stack.containerd.ctr("images", "pull", "--plain-http", str(source))
         output = _run(stack, source, "overlayfs")

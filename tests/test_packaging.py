@@ -11,6 +11,7 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,24 +19,24 @@ ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTIONS = ["starlight_core", "starlight_proxy", "starlight_worker", "starlight_cli"]
 
 
-def _project(name: str) -> dict[str, object]:
+def _project(name: str) -> dict[str, Any]:
     return tomllib.loads((ROOT / name / "pyproject.toml").read_text())
 
 
 def test_one_version_for_all() -> None:
-    versions = {name: _project(name)["project"]["version"] for name in DISTRIBUTIONS}  # type: ignore[index]
+    versions = {name: _project(name)["project"]["version"] for name in DISTRIBUTIONS}
     assert len(set(versions.values())) == 1, versions
     version = next(iter(versions.values()))
     for name in DISTRIBUTIONS:
         assert importlib.import_module(name).__version__ == version
     for name in DISTRIBUTIONS[1:]:
-        deps = _project(name)["project"]["dependencies"]  # type: ignore[index]
+        deps = _project(name)["project"]["dependencies"]
         assert f"starlight-core=={version}" in deps
 
 
 @pytest.mark.parametrize("name", DISTRIBUTIONS)
 def test_every_subpackage_is_packaged(name: str) -> None:
-    listed = set(_project(name)["tool"]["setuptools"]["packages"])  # type: ignore[index]
+    listed = set(_project(name)["tool"]["setuptools"]["packages"])
     on_disk = {
         name
         + (
@@ -52,7 +53,7 @@ def test_every_subpackage_is_packaged(name: str) -> None:
 def test_core_declares_only_its_own_dependencies() -> None:
     deps = {
         d.split(">")[0].split("=")[0] for d in _project("starlight_core")["project"]["dependencies"]
-    }  # type: ignore[index]
+    }
     assert deps <= {"attrs", "cattrs", "httpx"}
 
 
@@ -119,5 +120,5 @@ def test_each_distribution_builds_alone(name: str, tmp_path: Path) -> None:
     requires = [
         line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist")
     ]
-    declared = _project(name)["project"]["dependencies"]  # type: ignore[index]
-    assert len(requires) == len(declared)  # type: ignore[arg-type]
+    declared = _project(name)["project"]["dependencies"]
+    assert len(requires) == len(declared)
