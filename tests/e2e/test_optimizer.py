@@ -13,7 +13,8 @@ import asyncio
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ from starlight_core.reference import Reference
 from starlight_core.testing import TarMember, build_tar
 from starlight_core.trace import Trace, decode, merge, merge_group
 from starlight_proxy.testing import DecodedBundle, decode_bundle
+from starlight_worker.fs import FsClient
 from tests.e2e.conftest import Publish
 
 pytestmark = pytest.mark.e2e
@@ -224,4 +226,61 @@ def test_a_trace_survives_a_daemon_crash(stack: Stack, image: Reference) -> None
     (trace,) = _new_traces(stack, before)
     reads = _with_content(_read_order(trace))
     assert reads[-3:] == ["bin/busybox", "a/2", "b/3"], reads
+    _cli(stack, "reset")
+
+
+def _start(stack: Stack, image: Reference, script: str, sync_dir: Path) -> subprocess.Popen[bytes]:
+    ctr = [
+        "ctr", "-a", stack.containerd.address, "-n", stack.containerd.namespace,
+        "run", "--rm", "--snapshotter", "starlight",
+        "--mount", f"type=bind,src={sync_dir},dst=/sync,options=rbind:ro",
+        str(image), f"c-{uuid.uuid4().hex[:10]}", "/bin/sh", "-c", script,
+    ]  # fmt: skip
+    return subprocess.Popen(ctr, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_containers_sharing_layers_get_their_own_traces(
+    stack: Stack, image: Reference, tmp_path: Path
+) -> None:
+    """Two containers of one image at once: each trace holds its own container's reads only
+    (each gets its own views of the layers), and turning the optimizer off while they run
+    finishes both traces without disturbing them."""
+    before = _traces(stack)
+    _cli(stack, "optimizer", "on")
+    stack.pull(image, "--wait")
+    wait = "while [ ! -e /sync/go ]; do sleep 0.1; done"
+    one = _start(stack, image, f"cat /a/1 >/dev/null; {wait}; cat /c/1", tmp_path)
+    two = _start(stack, image, f"cat /b/2 >/dev/null; {wait}; cat /c/3", tmp_path)
+    partials = stack.daemon.root / "traces"
+    try:
+
+        def recorded(path: str) -> bool:
+            return any(path.encode() in p.read_bytes() for p in partials.glob("*.partial"))
+
+        _wait_for(lambda: recorded('"a/1"') and recorded('"b/2"'), "both first reads")
+        _cli(stack, "optimizer", "off")  # both traces end here; the containers go on
+        (tmp_path / "go").touch()
+        outputs = [process.communicate(timeout=60) for process in (one, two)]
+        assert [p.returncode for p in (one, two)] == [0, 0], outputs
+    finally:
+        for process in (one, two):
+            if process.poll() is None:
+                process.kill()
+    assert _cli(stack, "report").startswith("2 traces sent")
+    reads = sorted(_with_content(_read_order(t)) for t in _new_traces(stack, before))
+    assert [r[-1] for r in reads] == ["a/1", "b/2"], reads
+    assert "b/2" not in reads[0]
+    assert "a/1" not in reads[1]
+    assert all("c/1" not in r and "c/3" not in r for r in reads)  # read after the end
+    # Their snapshots are gone, so are their views.
+    fused = FsClient(stack.daemon.fused_socket)
+    assert [info.layer_key for info in fused.list() if "@" in info.layer_key] == []
     _cli(stack, "reset")
