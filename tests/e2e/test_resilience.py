@@ -42,10 +42,14 @@ pytestmark = pytest.mark.e2e
 
 __all__ = [
     "BundleSeen",
+    "data_files",
     "file_digests",
     "images",
+    "is_delta",
     "placed_on_disk",
+    "publish_image",
     "read_bundle",
+    "sha256_hex",
     "start_observed_stack",
     "wait_until",
 ]
@@ -189,12 +193,12 @@ def read_bundle(body: bytes) -> BundleSeen:
     return BundleSeen(body)
 
 
-def _files(count: int, size: int, seed: str) -> dict[str, bytes]:
+def data_files(count: int, size: int, seed: str) -> dict[str, bytes]:
     rng = random.Random(seed)
     return {f"data/f{i:03d}.bin": rng.randbytes(size) for i in range(count)}
 
 
-def _image(
+def publish_image(
     publish: Publish, name: str, files: dict[str, bytes], *, cmd: list[str] | None = None
 ) -> tuple[Reference, Reference, list[bytes]]:
     marker = f"{name} {uuid.uuid4().hex}\n".encode()
@@ -209,7 +213,7 @@ def _image(
     return source, converted, layers
 
 
-def _sha256(data: bytes) -> str:
+def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -274,11 +278,11 @@ def test_kill_9_mid_pull_resumes_without_refetching_and_containers_keep_reading(
     stack: Stack, publish: Publish, tmp_path: Path
 ) -> None:
     # busybox first, whole: the throttled stream below then carries only the data files.
-    _, warm, _ = _image(publish, "warm", {})
+    _, warm, _ = publish_image(publish, "warm", {})
     stack.pull(warm, "--wait")
-    files = _files(120, 32 * 1024, "kill9")
-    data_digests = {Digest("sha256:" + _sha256(d)) for d in files.values()}
-    _, converted, _ = _image(publish, "kill9", files)
+    files = data_files(120, 32 * 1024, "kill9")
+    data_digests = {Digest("sha256:" + sha256_hex(d)) for d in files.values()}
+    _, converted, _ = publish_image(publish, "kill9", files)
     first = stack.link.add(Fault(match=is_delta, times=1, rate=250_000, capture=True))
     try:
         stack.pull(converted)  # READY: the image is mounted, contents stream in slowly
@@ -332,7 +336,7 @@ def test_kill_9_mid_pull_resumes_without_refetching_and_containers_keep_reading(
     listing = stack.containerd.ctr(
         "tasks", "exec", "--exec-id", "check", name, "/bin/sh", "-c", "cd /data && sha256sum *"
     ).stdout
-    expected = sorted(f"{_sha256(data)}  {path[5:]}" for path, data in files.items())
+    expected = sorted(f"{sha256_hex(data)}  {path[5:]}" for path, data in files.items())
     assert sorted(listing.splitlines()) == expected
 
     # Its layer is complete but its overlay still reads through FUSE: the reaper keeps it...
@@ -371,8 +375,8 @@ def _image_layers(stack: Stack, ref: Reference) -> list[str]:
 def test_a_corrupted_byte_is_detected_and_refetched_never_served(
     stack: Stack, publish: Publish
 ) -> None:
-    files = _files(40, 40 * 1024, "corrupt")
-    _, converted, _ = _image(publish, "corrupt", files)
+    files = data_files(40, 40 * 1024, "corrupt")
+    _, converted, _ = publish_image(publish, "corrupt", files)
     resumes_before = sum(
         stack.daemon.metric("starlight_worker_pull_resumes_total", reason=reason)
         for reason in ("digest_mismatch", "bundle_protocol_error")
@@ -394,7 +398,7 @@ def test_a_corrupted_byte_is_detected_and_refetched_never_served(
     wrong = [(p, want, got) for p, want, got in file_digests(stack.daemon.root) if want != got]
     assert wrong == []
     listing = stack.run(converted, "/bin/sh", "-c", "cd /data && sha256sum *")
-    expected = sorted(f"{_sha256(data)}  {path[5:]}" for path, data in files.items())
+    expected = sorted(f"{sha256_hex(data)}  {path[5:]}" for path, data in files.items())
     assert sorted(listing.splitlines()) == expected
 
 
@@ -404,12 +408,12 @@ def test_a_corrupted_byte_is_detected_and_refetched_never_served(
 def test_after_completion_new_containers_mount_plain_overlayfs(
     stack: Stack, publish: Publish, tmp_path: Path
 ) -> None:
-    files = _files(30, 20 * 1024, "steady")
-    source, converted, layers = _image(publish, "steady", files)
+    files = data_files(30, 20 * 1024, "steady")
+    source, converted, layers = publish_image(publish, "steady", files)
     stack.pull(converted, "--wait")
     assert images(stack)[str(converted)]["complete"] is True
 
-    diff_ids = [Digest("sha256:" + _sha256(layer)) for layer in layers]
+    diff_ids = [Digest("sha256:" + sha256_hex(layer)) for layer in layers]
     top = str(chain_ids(diff_ids)[-1])
     key = f"steady-{uuid.uuid4().hex[:8]}"
     ctr_sn = ("snapshots", "--snapshotter", "starlight")
@@ -438,8 +442,8 @@ def test_after_completion_new_containers_mount_plain_overlayfs(
 
 
 def test_ctr_starlight_images_shows_how_much_is_local(stack: Stack, publish: Publish) -> None:
-    files = _files(20, 64 * 1024, "local-share")
-    _, converted, _ = _image(publish, "localshare", files)
+    files = data_files(20, 64 * 1024, "local-share")
+    _, converted, _ = publish_image(publish, "localshare", files)
 
     def table_row() -> str:
         digest = images(stack)[str(converted)]["manifest_digest"][7:19]
@@ -464,7 +468,7 @@ def test_ctr_starlight_images_shows_how_much_is_local(stack: Stack, publish: Pub
 def test_a_clean_restart_changes_nothing(stack: Stack, publish: Publish) -> None:
     """Stop and start with nothing to resume: the same images, containers still run, and no
     pull is resumed or marked failed."""
-    _, converted, _ = _image(publish, "clean-restart", _files(3, 1000, "clean"))
+    _, converted, _ = publish_image(publish, "clean-restart", data_files(3, 1000, "clean"))
     stack.pull(converted, "--wait")
     before = images(stack)
     resumed_before = stack.daemon.metric("starlight_worker_pulls_total", outcome="resumed")
@@ -473,6 +477,6 @@ def test_a_clean_restart_changes_nothing(stack: Stack, publish: Publish) -> None
     assert images(stack) == before
     assert stack.daemon.metric("starlight_worker_pulls_total", outcome="resumed") == 0
     assert resumed_before >= 0
-    data = _files(3, 1000, "clean")["data/f002.bin"]
+    data = data_files(3, 1000, "clean")["data/f002.bin"]
     out = stack.run(converted, "sha256sum", "/data/f002.bin")
-    assert out.split()[0] == _sha256(data)
+    assert out.split()[0] == sha256_hex(data)
