@@ -7,8 +7,9 @@ joined by a link of chosen round-trip time, rate and router buffer.
         registry = Registry(workdir, netns=link.cloud, listen=link.cloud_ip)
         ...                                      # containerd, daemon: netns=link.edge
 
-or from a shell: ``python -m benchmarks.wan --rtt 150 --rate 100 --verify`` (``--sweep`` for the
-default settings, no ``--verify`` to keep the link up until Ctrl-C). Needs root.
+or from a shell: ``python -m benchmarks.wan.link --rtt 150 --rate 100 --verify`` (``--sweep`` for
+the default settings, no ``--verify`` to keep the link up until Ctrl-C). Needs root.
+``python -m benchmarks.wan`` runs the whole benchmark over such links (``harness.py``).
 
 How the link is emulated, and why so
 ------------------------------------
@@ -63,9 +64,35 @@ the host does not allow).
 
 from __future__ import annotations
 
-from benchmarks.wan.link import CLOUD_IP, DEFAULT_SWEEP, EDGE_IP, LinkConfig, WanLink
-from benchmarks.wan.netns import call_in_netns, netns_argv, remove_stale
-from benchmarks.wan.verify import LinkReport, verify_link
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.wan.link import CLOUD_IP, DEFAULT_SWEEP, EDGE_IP, LinkConfig, WanLink
+    from benchmarks.wan.netns import call_in_netns, netns_argv, remove_stale
+    from benchmarks.wan.verify import LinkReport, verify_link
+
+# Imported on first use, not here: ``python -m benchmarks.wan.link`` runs that module as
+# ``__main__``, which the package must not have imported already.
+_HOMES = {
+    "CLOUD_IP": "link",
+    "DEFAULT_SWEEP": "link",
+    "EDGE_IP": "link",
+    "LinkConfig": "link",
+    "WanLink": "link",
+    "call_in_netns": "netns",
+    "netns_argv": "netns",
+    "remove_stale": "netns",
+    "LinkReport": "verify",
+    "verify_link": "verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"benchmarks.wan.{home}"), name)
 
 __all__ = [
     "CLOUD_IP",

@@ -16,7 +16,8 @@ segments, and TCP still works in MSS-sized segments (MTU 1500).
 
 Control over stdin/stdout, one JSON object per line: after start-up it prints
 ``{"ready": true, ...}``; every line read on stdin is answered with the current statistics; EOF
-on stdin (the harness exited, however it died) makes it exit.
+on stdin (the harness exited, however it died) makes it exit. The line ``flows`` is answered
+with what each TCP connection carried since the last ``flows reset`` (``benchmarks.wan.flows``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from benchmarks.wan.channel import Channel
+from benchmarks.wan.flows import FlowTable
 from benchmarks.wan.netns import call_in_netns
 from benchmarks.wan.packet import headers_length, segment_size, segments, truncate, wire_size
 
@@ -106,10 +108,13 @@ class Forwarder:
         self.cut_frames = 0  # super-packets of which only the head fitted in the queue
         self.write_errors = 0
         self.last_write_error = ""
+        self.flows = FlowTable()
 
     def _deliver(self, now: float) -> None:
         for channel, out in ((self.up, self.cloud_fd), (self.down, self.edge_fd)):
+            up = channel is self.up
             for frame in channel.pop_due(now):
+                self.flows.observe(up, frame, now)
                 try:
                     os.write(out, frame)
                 except OSError as exc:
@@ -161,6 +166,15 @@ class Forwarder:
                     while b"\n" in pending:
                         line, pending = pending.split(b"\n", 1)
                         on_control(line.decode().strip())
+
+    def answer(self, line: str) -> dict[str, Any]:
+        """The reply to one control line: ``flows``, ``flows reset`` or (any other) stats."""
+        if line == "flows":
+            return {"flows": self.flows.report()}
+        if line == "flows reset":
+            self.flows.reset()
+            return {"flows": []}
+        return self.stats()
 
     def stats(self) -> dict[str, Any]:
         times = os.times()
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
     forwarder = Forwarder(edge_fd, cloud_fd, up=channel(), down=channel())
     _say({"ready": True, "pid": os.getpid(), "priority": priority, "offload": args.offload})
-    forwarder.run(sys.stdin.fileno(), lambda _line: _say(forwarder.stats()))
+    forwarder.run(sys.stdin.fileno(), lambda line: _say(forwarder.answer(line)))
     return 0
 
 

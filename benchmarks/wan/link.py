@@ -305,11 +305,20 @@ class WanLink:
 
     def forwarder_stats(self) -> dict[str, Any]:
         """The forwarder's counters (per direction: offered, dropped, delivered) and CPU time."""
+        return self._ask("stats")
+
+    def flows(self, *, reset: bool = False) -> list[dict[str, Any]]:
+        """What each TCP connection carried since the last reset (``benchmarks.wan.flows``);
+        ``reset=True`` forgets them all and returns nothing."""
+        flows: list[dict[str, Any]] = self._ask("flows reset" if reset else "flows")["flows"]
+        return flows
+
+    def _ask(self, line: str) -> dict[str, Any]:
         process = self._forwarder
         if process is None or process.stdin is None or process.stdout is None:
             raise RuntimeError("the link is not open")
         with self._stats_lock:
-            process.stdin.write(b"stats\n")
+            process.stdin.write(line.encode() + b"\n")
             process.stdin.flush()
             return self._read_message(process, timeout=_READY_TIMEOUT)
 
@@ -416,3 +425,9 @@ class WanLink:
             line += chunk
         message: dict[str, Any] = json.loads(line)
         return message
+
+
+if __name__ == "__main__":  # python -m benchmarks.wan.link: the link alone, from a shell
+    from benchmarks.wan.link_cli import main
+
+    sys.exit(main())

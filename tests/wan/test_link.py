@@ -368,7 +368,7 @@ def test_verify_measures_what_was_configured() -> None:
 def test_the_cli_sets_up_verifies_and_tears_down(tmp_path: Path) -> None:
     before = set(list_netns())
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.wan", "--rtt", "10", "--rate", "20", "--verify",
+        [sys.executable, "-m", "benchmarks.wan.link", "--rtt", "10", "--rate", "20", "--verify",
          "--seconds", "1.5", "--json", str(tmp_path / "link.json"),
          # Accuracy is test_verify's business; this one checks the command's mechanics.
          "--rtt-tolerance", "0.5", "--rate-tolerance", "0.5"],

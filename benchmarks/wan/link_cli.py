@@ -1,8 +1,10 @@
-"""``python -m benchmarks.wan``: set up an emulated WAN link, measure it, print, tear down.
+"""``python -m benchmarks.wan.link``: set up an emulated WAN link, measure it, print, tear down.
 
-    python -m benchmarks.wan --rtt 150 --rate 100 --verify     # one link, measured
-    python -m benchmarks.wan --sweep                            # every default setting
-    python -m benchmarks.wan --rtt 50 --rate 100                # keep it up until Ctrl-C
+    python -m benchmarks.wan.link --rtt 150 --rate 100 --verify     # one link, measured
+    python -m benchmarks.wan.link --sweep                            # every default setting
+    python -m benchmarks.wan.link --rtt 50 --rate 100                # keep it up until Ctrl-C
+
+(``python -m benchmarks.wan`` is the whole benchmark: ``benchmarks.wan.harness``.)
 
 Exit status 1 when a measurement strays from the configuration by more than the tolerances.
 """
@@ -24,7 +26,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.wan",
+        prog="python -m benchmarks.wan.link",
         description="An emulated WAN link between two network namespaces (needs root).",
     )
     parser.add_argument("--rtt", type=float, default=150.0, help="round-trip time, ms")
