@@ -577,19 +577,34 @@ class Pull:
     # -- extents ---------------------------------------------------------------------------
 
     async def _apply(self, extents: list[Extent]) -> None:
-        arrived = await anyio.to_thread.run_sync(self._write_extents, extents)
+        arrived: list[tuple[str, list[str]]] = []
+        try:
+            await anyio.to_thread.run_sync(self._write_extents, extents, arrived)
+        except StarlightError:
+            # What was placed before a bad extent is there: wake its readers all the same.
+            with contextlib.suppress(StarlightError):
+                await self._notify(arrived)
+            raise
         await self._notify(arrived)
         await self._complete_layers()
         self._publish(phase=Phase.CONTENTS)
 
-    def _write_extents(self, extents: list[Extent]) -> list[tuple[str, list[str]]]:
+    def _write_extents(self, extents: list[Extent], arrived: list[tuple[str, list[str]]]) -> None:
+        """Decompress, verify and place ``extents``; what got placed goes to ``arrived`` (also
+        when a later extent fails), and the store's database hears of it before returning, so
+        that a resume names it (``have``)."""
         try:
-            return self._write_extents_to_disk(extents)
+            self._write_extents_to_disk(extents, arrived)
         except OSError as exc:  # staging: a full disk is ResourceExhausted, said plainly
             raise disk_error(exc, f"pull of {self.options.reference}: receiving contents") from exc
+        finally:
+            for handle in {id(h): h for h in self._handles}.values():
+                with contextlib.suppress(StarlightError):
+                    handle.sync()
 
-    def _write_extents_to_disk(self, extents: list[Extent]) -> list[tuple[str, list[str]]]:
-        arrived: list[tuple[str, list[str]]] = []
+    def _write_extents_to_disk(
+        self, extents: list[Extent], arrived: list[tuple[str, list[str]]]
+    ) -> None:
         for extent in extents:
             descriptor = extent.descriptor
             data = decompress_extent(descriptor, extent.compressed)
@@ -619,9 +634,6 @@ class Pull:
             content.received += len(data)
             if content.received >= content.size:
                 arrived.extend(self._finish_content(content))
-        for handle in {id(h): h for h in self._handles}.values():
-            handle.sync()
-        return arrived
 
     def _finish_content(self, content: _Content) -> list[tuple[str, list[str]]]:
         del self._writing[content.digest]
