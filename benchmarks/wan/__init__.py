@@ -94,6 +94,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"benchmarks.wan.{home}"), name)
 
+
 __all__ = [
     "CLOUD_IP",
     "DEFAULT_SWEEP",
