@@ -14,7 +14,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -125,21 +124,3 @@ def test_rpull_of_an_unknown_image_falls_back_and_says_so(stack: Stack) -> None:
     # containerd downloaded and unpacked the layer itself, into our snapshotter.
     assert set(_layers_of(stack, ref)) <= _content(stack)
     assert stack.run(ref) == "stock unpack\n"
-
-
-def test_plain_ctr_pull_into_starlight_is_counted_as_a_fallback(
-    stack: Stack, publish: Publish, tmp_path: Path
-) -> None:
-    """``ctr images pull`` passes no image labels: containerd unpacks, and we count it."""
-    _, converted = publish([build_tar(busybox_members())], name="plain-ctr")
-    before = stack.daemon.metric(
-        "starlight_worker_remote_fallbacks_total", reason="no_image_labels"
-    )
-    stack.containerd.ctr(
-        "images", "pull", "--plain-http", "--snapshotter", "starlight", str(converted)
-    )
-    after = stack.daemon.metric("starlight_worker_remote_fallbacks_total", reason="no_image_labels")
-    # ctr unpacks through the starlight snapshotter only if the layer is new there: the
-    # busybox layer may be present already from another test (then nothing is asked).
-    assert after - before in (0, 1)
-    assert stack.run(converted, "/bin/sh", "-c", "echo ok") == "ok\n"
