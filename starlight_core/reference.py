@@ -108,7 +108,10 @@ class Reference:
     def familiar(self) -> str:
         """The short form Docker prints: ``redis:latest`` for the official image."""
         path = self.path
-        if self.domain == DEFAULT_DOMAIN:
+        first = path.split("/", 1)[0]
+        # A first component that looks like a registry would be read back as one: keep it whole.
+        looks_like_domain = "." in first or ":" in first or first == "localhost"
+        if self.domain == DEFAULT_DOMAIN and not looks_like_domain:
             if path.startswith(_OFFICIAL_PREFIX) and path.count("/") == 1:
                 path = path[len(_OFFICIAL_PREFIX) :]
             name = path
