@@ -16,10 +16,11 @@ containers depend on it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -69,10 +70,14 @@ class PullManager:
         make: Callable[[PullOptions], Pull],
         *,
         backoff_max: float = 60.0,
+        wanted: Callable[[PullOptions], Awaitable[bool]] | None = None,
     ) -> None:
         self._tasks = tasks
         self._make = make
         self.backoff_max = backoff_max
+        self._wanted = wanted
+        """Asked before each background retry: False (the image was removed meanwhile, e.g.
+        by ``ctr-starlight reset``) ends the retries."""
         self._active: dict[tuple[str, str, str], Pull] = {}
         self._retrying: dict[tuple[str, str, str], int] = {}
         """Images waiting for a background retry → attempts so far."""
@@ -117,6 +122,10 @@ class PullManager:
         await anyio.sleep(delay)
         if key in self._active:
             return  # someone asked for the image meanwhile: that pull carries on
+        if self._wanted is not None and not await self._wanted(options):
+            self._retrying.pop(key, None)
+            log.info("pull of %s: its image was removed; no more retries", options.reference)
+            return
         self.start(options)
 
     @property
@@ -197,7 +206,10 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tasks:
                 self.pulls = PullManager(
-                    tasks, self._make_pull, backoff_max=config.retry_backoff_max
+                    tasks,
+                    self._make_pull,
+                    backoff_max=config.retry_backoff_max,
+                    wanted=self._still_wanted,
                 )
                 self.remote = RemoteSnapshots(
                     self.pulls,
@@ -312,6 +324,25 @@ class Daemon:
                     len(attached),
                 )
         await self._resume_pulls()
+
+    async def _still_wanted(self, options: PullOptions) -> bool:
+        """A pull to retry is still wanted while the store records its image (reset removes
+        it) and its record is RUNNING; otherwise its record is closed."""
+        assert self.store is not None
+        store = self.store
+        image = await anyio.to_thread.run_sync(
+            functools.partial(store.image, str(options.reference), namespace=options.namespace)
+        )
+        if image is not None:
+            return True
+        if options.record_id is not None:
+            with contextlib.suppress(StarlightError):
+                await anyio.to_thread.run_sync(
+                    functools.partial(
+                        store.finish_pull, options.record_id, error="the image was removed"
+                    )
+                )
+        return False
 
     async def _resume_pulls(self) -> None:
         """Continue every pull the store recorded as RUNNING (newest per image). One that had

@@ -137,6 +137,33 @@ async def test_a_pull_failing_before_ready_is_not_retried() -> None:
     assert manager.retrying == []
 
 
+async def test_retries_end_once_the_image_is_no_longer_wanted() -> None:
+    down = ProxyUnavailable("proxy down")
+    script: list[tuple[bool, StarlightError | None]] = [(True, down), (False, down)]
+    started: list[PullOptions] = []
+    asked: list[PullOptions] = []
+
+    async def wanted(options: PullOptions) -> bool:
+        asked.append(options)
+        return False  # e.g. ctr-starlight reset removed the image meanwhile
+
+    async with anyio.create_task_group() as tasks:
+        manager = PullManager(
+            tasks,
+            lambda o: cast(Pull, FakePull(o, script, started)),
+            backoff_max=0.01,
+            wanted=wanted,
+        )
+        manager.start(_options())
+        with anyio.fail_after(10):
+            while not asked:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)
+    assert len(started) == 1
+    assert asked[0].record_id == 7
+    assert manager.retrying == []
+
+
 # --- the reaper's reading of the mount table -----------------------------------------------------
 
 
