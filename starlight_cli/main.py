@@ -15,6 +15,7 @@ from starlight_cli.commands.ping import ping
 from starlight_cli.commands.pull import pull
 from starlight_cli.commands.report import report
 from starlight_cli.commands.reset import reset
+from starlight_cli.commands.status import status
 
 __all__ = ["cli", "main"]
 
@@ -30,6 +31,7 @@ def cli(debug: bool) -> None:
 cli.add_command(convert)
 cli.add_command(pull)
 cli.add_command(reset)
+cli.add_command(status)
 cli.add_command(images)
 cli.add_command(notify)
 cli.add_command(ping)
