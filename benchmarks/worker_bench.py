@@ -14,6 +14,8 @@
    dropping their pages each time so that every read goes to the FUSE server: the longest gap
    between two reads is the time the container was blocked. A read of a file that had not
    arrived, issued right after the kill, waits until the restarted daemon resumed the pull.
+   Also: when containerd (its own gRPC reconnection backoff) reaches the snapshotter again,
+   i.e. when new containers can be created.
 3. ``refetch``: in the same run, the bundles the link forwarded before and after the kill
    (captured): content bytes placed before the kill and sent again (should be 0), and bytes of
    contents that were under way at the kill (received in part, never placed) sent again.
@@ -304,6 +306,16 @@ def restart(stack: Stack) -> dict[str, Any]:
     time.sleep(0.5)  # the daemon stays dead for a moment, as after a crash
     stack.daemon.start()
     restarted = time.perf_counter() - killed_at
+    _wait(
+        lambda: (
+            stack.containerd.ctr(
+                "snapshots", "--snapshotter", "starlight", "ls", check=False
+            ).returncode
+            == 0
+        ),
+        "containerd to reach the restarted snapshotter",
+    )
+    reconnected = time.perf_counter() - killed_at
     _wait(lambda: _complete(stack, converted), "the resumed pull to complete")
     completed = time.perf_counter() - killed_at
     missing_reader.join(timeout=120)
@@ -318,6 +330,7 @@ def restart(stack: Stack) -> dict[str, Any]:
         "reads_across_restart": len(gaps),
         "read_errors": errors[:5],
         "daemon_down_and_restart_s": round(restarted, 2),
+        "containerd_reconnected_after_kill_s": round(reconnected, 2),
         "pull_complete_after_kill_s": round(completed, 2),
         "missing_file_read_wait_s": round(wait_result.get("seconds", float("nan")), 2),
         "refetch": refetched(bytes(first.bodies[0]), bytes(second.bodies[0]), placed),
