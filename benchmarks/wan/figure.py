@@ -115,9 +115,20 @@ def _draw(rows: Sequence[SummaryRow], title: str, path: Path) -> None:
         ax.grid(axis="y", linestyle=":", linewidth=0.5)
         ax.set_axisbelow(True)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8, frameon=False)
+    columns = min(len(series), 3)
+    legend_rows = -(-len(series) // columns)
+    top = 1 - (0.2 + 0.17 * legend_rows) / figure.get_figheight()
     figure.suptitle(title, y=0.995, fontsize=11)
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.975),
+        ncol=columns,
+        fontsize=8,
+        frameon=False,
+    )
+    figure.tight_layout(rect=(0, 0, 1, top))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 

@@ -545,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     settings = settings_from(args)
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(
         f"WAN benchmark: {len(settings.links)} link(s), workloads {', '.join(settings.workloads)}, "
         f"{settings.repeats} repeat(s); results in {settings.out}",
@@ -562,9 +562,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings.keep_workdir:
             shutil.rmtree(settings.workdir, ignore_errors=True)
     rows = summarise(results)
-    console.print(render_summary(rows), highlight=False)
-    console.print(render_targets(check_targets(rows)), highlight=False)
-    console.print(f"results: {settings.out}", highlight=False)
+    print(render_summary(rows))
+    print(render_targets(check_targets(rows)))
+    print(f"results: {settings.out}")
     return 0
 
 
