@@ -167,7 +167,8 @@ def _fill(root: Path, leave: int) -> Path:
 def _database_ok(root: Path) -> bool:
     db = sqlite3.connect(f"file:{root / 'store.db'}?mode=ro", uri=True)
     try:
-        return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        result: str = db.execute("PRAGMA integrity_check").fetchone()[0]
+        return result == "ok"
     finally:
         db.close()
 
