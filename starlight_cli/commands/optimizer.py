@@ -38,7 +38,7 @@ def optimizer() -> None:
 
     While the optimizer is on, the daemon records for every container started from starlight
     snapshots the first access to each file, and keeps one trace per container. Upload them
-    with ``ctr-starlight report``.
+    with: ctr-starlight report
     """
 
 

@@ -180,6 +180,9 @@ def test_a_group_gets_one_joint_order(stack: Stack, publish: Publish, image: Ref
         [LAYERS[0], _layer("d")], name="optimized-db", cmd=["/bin/sh", "-c", "cat /d/2"]
     )
     before = _traces(stack)
+    code, _, err = stack.cli("optimizer", "on", "--group", "not a group")
+    assert code != 0
+    assert "invalid optimizer group 'not a group'" in err
     assert "group shop" in _cli(stack, "optimizer", "on", "--group", "shop")
     for reference in (image, other):
         stack.pull(reference, "--wait")
