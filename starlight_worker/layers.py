@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from starlight_core.errors import FailedPrecondition
+from starlight_core.errors import FailedPrecondition, StarlightError
 from starlight_worker.fs import AsyncFsClient
 from starlight_worker.metrics import Metrics
 from starlight_worker.snapshotter import Mounting, SnapshotInfo
@@ -142,7 +142,12 @@ class StarlightLayers:
         state = await anyio.to_thread.run_sync(self.store.state, layer)
         if state is LayerState.ABSENT:
             return await self.lower_dir(snapshot)  # says what is wrong
-        traced = await self.tracer.lower_dir(layer, mounting)
+        try:
+            traced = await self.tracer.lower_dir(layer, mounting)
+        except StarlightError as exc:
+            # Tracing must never keep a container from starting.
+            log.warning("not tracing %s in %s: %s", layer, mounting.snapshot.name, exc)
+            traced = None
         if traced is None:
             return await self.lower_dir(snapshot)
         if state is LayerState.RECEIVING:

@@ -278,7 +278,11 @@ class Tracer:
         async with self._lock:
             await anyio.to_thread.run_sync(lambda: self.directory.mkdir(exist_ok=True))
             self._state = await anyio.to_thread.run_sync(self._load_state)
-            served = {info.layer_key for info in await self.fused.list()}
+            try:
+                served = {info.layer_key for info in await self.fused.list()}
+            except StarlightError as exc:
+                log.warning("cannot resume the optimizer: %s", exc)
+                return
             for container in list(self._state.containers):
                 if any(a.key not in served for a in container.aliases):
                     log.info("container %s lost its FUSE views: trace finished", container.snapshot)
@@ -427,8 +431,8 @@ class Tracer:
         """Sync every ``interval`` seconds, forever."""
         while True:
             await anyio.sleep(interval)
-            if not self._state.containers:
-                continue
+            if not self._state.containers and not self._state.optimizer.enabled:
+                continue  # nothing to collect (while on, records of other keys are dropped)
             try:
                 await self.sync()
             except Exception:
