@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sys
@@ -167,6 +168,10 @@ class Harness:
             },
             peers=peers(),
         )
+        self.scenarios = {name: _SCENARIO_IMAGES[name] for name in settings.scenarios}
+        wanted = {key for target, old in self.scenarios.values() for key in (target, old) if key}
+        self.needed = tuple(key for key in IMAGES if key in wanted)
+        """The images the chosen scenarios deploy (built, published and trained)."""
         self.images: dict[tuple[str, str, str], PublishedImage] = {}
         self.trained: set[str] = set()
         self._edges = 0
@@ -178,6 +183,7 @@ class Harness:
 
     def run(self) -> Results:
         s = self.settings
+        s.workdir.mkdir(parents=True, exist_ok=True)
         for peer in self.results.peers:
             self.say(f"peer {peer['name']}: {peer['status']} ({peer['reason']})")
         self._build()
@@ -193,7 +199,7 @@ class Harness:
             self._progress: Callable[[str], None] = lambda text: progress.update(
                 task, description=text
             )
-            self._advance = lambda: progress.advance(task)
+            self._advance: Callable[[], None] = lambda: progress.advance(task)
             for config in s.links:
                 self._link(config)
         self.write()
@@ -211,7 +217,7 @@ class Harness:
     def _build(self) -> None:
         builder = Builder(progress=lambda text: self._status(f"build: {text}"))
         for name in self.settings.workloads:
-            for version, kind in IMAGES:
+            for version, kind in self.needed:
                 started = time.monotonic()
                 cached = builder.cached(WORKLOADS[name], version, kind)
                 builder.build(WORKLOADS[name], version, kind)
@@ -249,14 +255,14 @@ class Harness:
     def _publish(self, cloud: WanCloud, workload: Workload) -> None:
         from starlight_core.proxy_client import ProxyClient
 
-        for version, kind in IMAGES:
+        for version, kind in self.needed:
             key = (workload.name, version, kind)
             if key in self.images:
                 continue
             self._progress(f"publish {workload.name} {version} {kind}")
             image = cloud.call(
-                lambda v=version, k=kind: asyncio.run(
-                    publish(workload, v, cloud.registry.host, kind=k)
+                functools.partial(
+                    asyncio.run, publish(workload, version, cloud.registry.host, kind=kind)
                 )
             )
             assert image.starlight is not None
@@ -290,7 +296,7 @@ class Harness:
         ready_at: dict[str, float] = {}
         try:
             self._cli(edge, "optimizer", "on")
-            for version, kind in IMAGES:
+            for version, kind in self.needed:
                 image = self.images[(workload.name, version, kind)]
                 reference = str(image.starlight)
                 pull_starlight(edge, reference, wait=True)
@@ -310,10 +316,10 @@ class Harness:
             self._cli(edge, "report")
             images = {
                 (version, kind): self.images[(workload.name, version, kind)]
-                for version, kind in IMAGES
+                for version, kind in self.needed
             }
             floors, notes = floors_from_store(
-                edge.daemon.root, workload.name, images, _SCENARIO_IMAGES, ready_at
+                edge.daemon.root, workload.name, images, self.scenarios, ready_at
             )
         except Exception as exc:
             self.say(f"[red]training {workload.name} failed: {exc}[/red]")

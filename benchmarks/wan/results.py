@@ -416,7 +416,7 @@ def render_summary(rows: Sequence[SummaryRow]) -> str:
             f"| {_fmt(r.cpu.median if r.cpu else None)} "
             f"| {r.runs - r.errors}/{r.runs} |"
         )
-    floors = {}
+    floors: dict[tuple[str, str, str], SummaryRow] = {}
     for r in rows:
         floors.setdefault((r.link, r.workload, r.scenario), r)
     floor_lines = [
@@ -463,9 +463,9 @@ def write_results(results: Results, directory: Path) -> dict[str, Path]:
             writer.writerow({**attrs.asdict(run), "round_trips": run.round_trips})
     rows = summarise(results)
     with _atomic(paths["summary"]) as handle:
-        writer = csv.writer(handle)
+        table = csv.writer(handle)
         stats = ("ready", "local", "ttfb", "wire_bytes", "round_trips", "cpu")
-        writer.writerow(
+        table.writerow(
             [
                 "link",
                 "rtt_ms",
@@ -487,7 +487,7 @@ def write_results(results: Results, directory: Path) -> dict[str, Path]:
             for s in stats:
                 value: Stat | None = getattr(r, s)
                 values += ["", "", ""] if value is None else [value.median, value.low, value.high]
-            writer.writerow(
+            table.writerow(
                 [
                     r.link,
                     r.rtt_ms,
