@@ -258,7 +258,12 @@ class _Builder:
         node.gid = entry.gid
         node.mtime_ns = entry.mtime_ns
         opaque = node.xattrs.get(OPAQUE_XATTR)
-        node.xattrs = {fuse_name(k): bytes(v) for k, v in entry.xattrs.items()}
+        # trusted.* attributes from a layer are dropped, as the store and containerd drop them:
+        # served through FUSE, a layer could otherwise forge overlayfs' trusted.overlay.*
+        # markers (whiteouts, opaque directories, redirects) under the container's rootfs.
+        node.xattrs = {
+            fuse_name(k): bytes(v) for k, v in entry.xattrs.items() if not k.startswith("trusted.")
+        }
         if opaque is not None:
             node.xattrs[OPAQUE_XATTR] = opaque
 

@@ -142,3 +142,17 @@ def test_names_that_are_not_utf8_round_trip() -> None:
     assert fuse_name(name) in tree.nodes
     assert fuse_name(name).encode("latin-1") == b"caf\xe9/\xff"
     assert toc_name(fuse_name(name)) == name
+
+
+def test_trusted_xattrs_from_a_layer_are_dropped() -> None:
+    """A hostile layer must not forge overlayfs markers through FUSE (the store drops them too)."""
+    entries = [
+        Entry(
+            "dir",
+            EntryType.DIR,
+            mode=0o755,
+            xattrs={"trusted.overlay.opaque": b"y", "user.keep": b"1"},
+        )
+    ]
+    node = LayerTree.build(entries, first_ino=1).nodes[fuse_name("dir")]
+    assert node.xattrs == {fuse_name("user.keep"): b"1"}
