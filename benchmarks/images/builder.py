@@ -49,7 +49,7 @@ __all__ = [
     "Layer",
 ]
 
-BUILDER_VERSION: Final = "2"
+BUILDER_VERSION: Final = "3"
 """Part of every layer key: change it when the way layers are made changes."""
 EPOCHS: Final = {"v1": 1_790_812_800, "v2": 1_794_700_800}
 """SOURCE_DATE_EPOCH of each version's builds (2026-10-01 and 2026-11-15, UTC)."""
@@ -181,6 +181,16 @@ class Builder:
             resolved = json.dumps([attrs.asdict(r) for r in records if r is not None])
         spec = "base" if stage.step is None else _step_spec(stage.step, stage.version)
         return _hash(BUILDER_VERSION, parent, spec, stage.universe, str(stage.epoch), resolved)
+
+    def relock(self, workload: Workload) -> None:
+        """Forget the workload's resolved package sets and refresh the package lists: the next
+        build resolves them again against the archive as it is now."""
+        with self._exclusive():
+            self.lock = Lock.load(self.lock_path)
+            self.lock.forget([key for key in self.lock.sets if key.startswith(f"{workload.name}/")])
+            self.lock.save(self.lock_path)
+        for name in {UNIVERSES["v1"], UNIVERSES["v2"]}:
+            Universe(name, self.cache).update(force=True)
 
     def cached(self, workload: Workload, version: str, kind: str = "app-update") -> bool:
         """Are all layers of this image in the store already?"""
@@ -321,7 +331,8 @@ class Builder:
         lock_key = self._lock_key(workload, stage)
         universe = Universe(stage.universe, self.cache)
         wanted = [f"{name}={stage.version.debian[name]}" for name in step.packages]
-        if lock_key not in self.lock.sets:
+        if not set(wanted) <= set(self.lock.sets.get(lock_key, ())):
+            # Not resolved yet, or resolved for other pins (the workload was edited).
             self.progress(f"resolving {lock_key}: {' '.join(wanted)}")
             debs = universe.resolve(wanted, status=root / "var" / "lib" / "dpkg" / "status")
             missing = sorted(set(wanted) - set(debs))

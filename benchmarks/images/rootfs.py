@@ -12,7 +12,9 @@ caches, temporary files, the ldconfig aux cache, ``*-old`` backups) and clamps e
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping
@@ -127,6 +129,11 @@ def bootstrap(target: Path, repository: str, *, epoch: int) -> None:
         check=False,
     )
     _check(result, "mmdebstrap")
+    # The mirror hook leaves the empty mount point of the repository (its host path) behind.
+    mirror = re.search(r"file://(/\S+)", repository)
+    if mirror is not None:
+        with contextlib.suppress(OSError):
+            os.removedirs(target / mirror.group(1).lstrip("/"))
     apt = target / "etc" / "apt"
     (apt / "sources.list").unlink(missing_ok=True)
     (apt / "sources.list.d" / "debian.sources").write_text(_DEBIAN_SOURCES)

@@ -20,6 +20,7 @@ Command line::
     python -m benchmarks.images.workloads --build redis nginx      # all three images of each
     python -m benchmarks.images.workloads --build-all [--quick]
     python -m benchmarks.images.workloads --verify redis           # rebuild, compare digests
+    python -m benchmarks.images.workloads --relock redis           # resolve pins again
     python -m benchmarks.images.workloads --publish 127.0.0.1:5000 redis [--docker]
 """
 
@@ -755,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     action.add_argument("--build-all", action="store_true", help="build every workload")
     action.add_argument("--verify", nargs="+", metavar="NAME", help="rebuild, compare digests")
     action.add_argument(
+        "--relock", nargs="+", metavar="NAME", help="resolve the package sets again, rebuild"
+    )
+    action.add_argument(
         "--publish", nargs="+", metavar=("REGISTRY", "NAME"), help="push and convert"
     )
     parser.add_argument("--quick", action="store_true", help="only the small workloads")
@@ -789,6 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.verify:
         return 1 if _verify(args.verify, args.cache) else 0
+    if args.relock:
+        for name in args.relock:
+            builder.relock(_workload(name))
+        _build(args.relock, builder)
+        return 0
     registry, *names = args.publish
     asyncio.run(_publish_all(registry, names or selected, docker=args.docker, builder=builder))
     return 0

@@ -10,6 +10,7 @@ the two v2 images of each workload).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import tarfile
@@ -162,3 +163,34 @@ def test_workload_starts(
     for version, kind in builds:
         _build(builder, name, version, kind)
         _start(name, version, kind, registry, containerd, tmp_path)
+
+
+def _file_digests(layers: list[Layer]) -> dict[str, int]:
+    """Content digest → size of every regular file the image's layers carry."""
+    found: dict[str, int] = {}
+    for layer in layers:
+        with tarfile.open(layer.tar) as archive:
+            for member in archive:
+                if member.isfile() and member.size:
+                    handle = archive.extractfile(member)
+                    assert handle is not None
+                    found[hashlib.sha256(handle.read()).hexdigest()] = member.size
+    return found
+
+
+@pytest.mark.parametrize("name", ["redis", "nginx", "memcached", "python-flask"])
+def test_updates_change_digests_not_most_files(name: str) -> None:
+    """The app update keeps v1's base layer; the rebuild changes every layer digest, yet most
+    of its content (by bytes) is content v1 already had — what Starlight must not resend."""
+    builder = Builder(CACHE)
+    workload = WORKLOADS[name]
+    if not all(builder.cached(workload, version, kind) for version, kind in BUILDS):
+        pytest.skip(f"{name} is not built (python -m benchmarks.images.workloads --build {name})")
+    v1, update, rebuild = (builder.build(workload, version, kind) for version, kind in BUILDS)
+    assert update[0].digest == v1[0].digest
+    assert update[-1].digest != v1[-1].digest
+    assert not {layer.digest for layer in rebuild} & {layer.digest for layer in v1}
+    old, new = _file_digests(v1), _file_digests(rebuild)
+    shared = sum(size for digest, size in new.items() if digest in old)
+    assert shared / sum(new.values()) > 0.7
+    assert shared < sum(new.values()), "the rebuild carries some new content"
