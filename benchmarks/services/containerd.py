@@ -29,10 +29,9 @@ import secrets
 import socket
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Final
+from typing import Final
 
-from benchmarks.services import wait_for
+from benchmarks.services.process import ServiceProcess
 from benchmarks.wan.netns import netns_argv
 
 __all__ = ["CONTAINERD_BINARY", "CTR_BINARY", "Containerd"]
@@ -41,15 +40,16 @@ CONTAINERD_BINARY: Final = "/usr/bin/containerd"
 CTR_BINARY: Final = "/usr/bin/ctr"
 SNAPSHOTTER_NAME: Final = "starlight"
 _START_TIMEOUT: Final = 60.0
-_STOP_TIMEOUT: Final = 20.0
 _CTR_TIMEOUT: Final = 300.0
 
 
-class Containerd:
+class Containerd(ServiceProcess):
     """Launch containerd with its state under ``workdir``.
 
     ``address`` is its gRPC socket; ``ctr(*args)`` runs ``ctr -a <address> -n <namespace>``.
     """
+
+    name = "containerd"
 
     def __init__(
         self,
@@ -70,17 +70,11 @@ class Containerd:
         self.root = self.workdir / "root"
         self.state = self.workdir / "state"
         self.config_path = self.workdir / "config.toml"
-        self.log_path = self.workdir / "containerd.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(self.workdir / "containerd.log")
 
     @property
     def address(self) -> str:
         return str(self.workdir / "containerd.sock")
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
         if self.running:
@@ -90,38 +84,19 @@ class Containerd:
                 raise FileNotFoundError(f"{tool} not found: apt-get install containerd")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
+        self._spawn(
             netns_argv(self.netns, [self.binary, "--config", str(self.config_path)]),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
             cwd=self.workdir,
             start_new_session=True,  # a Ctrl-C in the test runner must not kill it mid-write
         )
-        try:
-            wait_for(self._answers, timeout=_START_TIMEOUT, what=f"containerd at {self.address}")
-        except BaseException:
-            self.stop()
-            raise
+        self._wait_ready(
+            self._answers, timeout=_START_TIMEOUT, what=f"containerd at {self.address}"
+        )
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            self._process = process  # ctr() below needs the daemon up
-            try:
-                self._kill_tasks()
-            finally:
-                self._process = None
-            process.terminate()
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self.running:
+            self._kill_tasks()  # while containerd still answers ctr
+        self._terminate()
         self._unmount_leftovers()
         self._remove_namespace_leftovers()
 
@@ -150,12 +125,6 @@ class Containerd:
                 stderr=f"{result.stderr}\n--- containerd log (tail) ---\n{self.log()[-3000:]}",
             )
         return result
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def config(self) -> str:
         """containerd's config.toml (version 2) for this instance."""
@@ -191,21 +160,8 @@ class Containerd:
             ]
         return "\n".join(lines) + "\n"
 
-    def __enter__(self) -> Containerd:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _answers(self) -> bool:
-        if self._process is None or self._process.poll() is not None:
-            raise RuntimeError(f"containerd exited early; its log:\n{self.log()[-4000:]}")
+        self._check_alive()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(2)
             try:

@@ -22,16 +22,15 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Final
+from typing import Final
 
-from benchmarks.services import free_port, wait_for
+from benchmarks.services import free_port
+from benchmarks.services.process import ServiceProcess
 from benchmarks.wan.netns import netns_argv
 
 __all__ = ["DaemonProcess"]
 
 _START_TIMEOUT: Final = 60.0
-_STOP_TIMEOUT: Final = 20.0
 
 
 def _binary() -> str:
@@ -41,7 +40,9 @@ def _binary() -> str:
     raise FileNotFoundError(f"{candidate} not found: pip install -e ./starlight_worker")
 
 
-class DaemonProcess:
+class DaemonProcess(ServiceProcess):
+    name = "starlight-daemon"
+
     def __init__(
         self,
         workdir: Path,
@@ -64,10 +65,8 @@ class DaemonProcess:
         self.content_timeout = content_timeout
         self.extra = dict(extra or {})
         self.metrics_port = free_port() if metrics else None
-        self.log_path = self.workdir / "daemon.log"
+        super().__init__(self.workdir / "daemon.log")
         self.config_path = self.workdir / "daemon.toml"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def snapshotter_socket(self) -> str:
@@ -84,16 +83,6 @@ class DaemonProcess:
     @property
     def fuse_mountpoint(self) -> Path:
         return self.root / "fuse"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("the daemon is not running")
-        return self._process.pid
 
     def _write_config(self) -> None:
         lines = {
@@ -122,28 +111,14 @@ class DaemonProcess:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._write_config()
-        self._log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STARLIGHT_")}
-        self._process = subprocess.Popen(
-            netns_argv(self.netns, [_binary(), "--config", str(self.config_path)]),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            wait_for(
-                lambda: self._check_alive() and self._answers(),
-                timeout=_START_TIMEOUT,
-                what="starlight-daemon",
-            )
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(netns_argv(self.netns, [_binary(), "--config", str(self.config_path)]), env=env)
+        self._wait_ready(self._answers, timeout=_START_TIMEOUT, what="starlight-daemon")
 
     def _answers(self) -> bool:
         """The control socket accepts connections (after a kill, a stale socket file stays
         until the new daemon replaces it)."""
+        self._check_alive()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             try:
                 sock.connect(self.control_socket)
@@ -151,30 +126,9 @@ class DaemonProcess:
                 return False
         return True
 
-    def _check_alive(self) -> bool:
-        if self._process is not None and self._process.poll() is not None:
-            raise RuntimeError(f"starlight-daemon exited:\n{self.log()[-3000:]}")
-        return True
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
     def kill(self) -> None:
         """``kill -9`` the daemon (only the daemon: the FUSE server is its own session)."""
-        process, self._process = self._process, None
-        if process is not None:
-            process.kill()
-            process.wait()
+        self._terminate(signal.SIGKILL)
 
     def close(self) -> None:
         """Stop everything: the daemon, the FUSE server, and any mount left."""
@@ -212,21 +166,3 @@ class DaemonProcess:
             if sample == wanted:
                 return float(value)
         return 0.0
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> DaemonProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -17,18 +17,17 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Final
+from typing import Any, Final
 from urllib.parse import quote
 
 from benchmarks.services import free_port, wait_for
+from benchmarks.services.process import ServiceProcess
 
 __all__ = ["POSTGRES_BINDIR", "Postgres"]
 
 POSTGRES_BINDIR: Final = Path("/usr/lib/postgresql/15/bin")
 _OS_USER: Final = "postgres"
 _START_TIMEOUT: Final = 60.0
-_STOP_TIMEOUT: Final = 30.0
 _SETTINGS: Final = {
     "fsync": "off",
     "synchronous_commit": "off",
@@ -40,7 +39,7 @@ _SETTINGS: Final = {
 }
 
 
-class Postgres:
+class Postgres(ServiceProcess):
     """Launch a private PostgreSQL; ``url`` names its database for ``psycopg``/``open_store``.
 
     Without ``workdir`` a fresh directory in the system temp dir is used and removed by
@@ -48,6 +47,8 @@ class Postgres:
     when running as root, every parent of it must be traversable by the ``postgres`` user
     (pytest's ``tmp_path`` is not: its parents are private to root).
     """
+
+    name = "postgres"
 
     def __init__(
         self,
@@ -62,8 +63,7 @@ class Postgres:
         self.port = port if port is not None else free_port()
         self.database = database
         self.bindir = Path(bindir)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(None)  # the log lives in the work directory, known at start
 
     # --- addresses ------------------------------------------------------------------------
 
@@ -82,10 +82,6 @@ class Postgres:
         if schema is not None:
             url += "?options=" + quote(f"-c search_path={schema}", safe="")
         return url
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     @property
     def _data(self) -> Path:
@@ -115,8 +111,7 @@ class Postgres:
             user = pwd.getpwnam(_OS_USER)
             for path in (self.workdir, self._sockets):
                 os.chown(path, user.pw_uid, user.pw_gid)
-        log_path = self.workdir / "postgres.log"
-        self._log = log_path.open("ab")
+        self.log_path = self.workdir / "postgres.log"
         try:
             if not (self._data / "PG_VERSION").exists():
                 self._initdb()
@@ -133,14 +128,7 @@ class Postgres:
             ]
             for key, value in _SETTINGS.items():
                 command += ["-c", f"{key}={value}"]
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                **self._as_postgres(),
-            )
+            self._spawn(command, cwd=self.workdir, **self._as_postgres())
             wait_for(self._answers, timeout=_START_TIMEOUT, what=f"postgres on port {self.port}")
             self.create_database(self.database, exist_ok=True)
         except BaseException:
@@ -177,43 +165,13 @@ class Postgres:
             raise RuntimeError(f"initdb failed ({result.returncode}):\n{output[-4000:]}")
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            # SIGINT is PostgreSQL's "fast shutdown": abort sessions, checkpoint, exit. Data we
-            # are about to delete needs no checkpoint: SIGQUIT ("immediate") skips it.
-            process.send_signal(signal.SIGQUIT if self._owns_workdir else signal.SIGINT)
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        # SIGINT is PostgreSQL's "fast shutdown": abort sessions, checkpoint, exit. Data we are
+        # about to delete needs no checkpoint: SIGQUIT ("immediate") skips it.
+        self._terminate(signal.SIGQUIT if self._owns_workdir else signal.SIGINT)
         if self._owns_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
-
-    def log(self) -> str:
-        """The server's output so far (for failure messages)."""
-        if self.workdir is None:
-            return ""
-        try:
-            return (self.workdir / "postgres.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> Postgres:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+            self.log_path = None
 
     # --- administration -------------------------------------------------------------------
 
@@ -247,8 +205,7 @@ class Postgres:
         return self.url_for(database, schema=name)
 
     def _answers(self) -> bool:
-        if self._process is None or self._process.poll() is not None:
-            raise RuntimeError(f"postgres exited early; its log:\n{self.log()[-4000:]}")
+        self._check_alive()
         import psycopg
 
         try:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Final
+from typing import Any, Final
 
-from benchmarks.services import free_port, wait_for
+from benchmarks.services import free_port
+from benchmarks.services.process import ServiceProcess
 from benchmarks.wan.netns import call_in_netns, netns_argv
 
 __all__ = ["ProxyProcess", "proxy_binary", "render_toml"]
 
 _START_TIMEOUT: Final = 60.0
-_STOP_TIMEOUT: Final = 15.0
 
 
 def proxy_binary() -> str:
@@ -66,7 +64,10 @@ def render_toml(data: Mapping[str, Any], prefix: str = "") -> str:
     return "\n".join(lines + tables) + "\n"
 
 
-class ProxyProcess:
+class ProxyProcess(ServiceProcess):
+    name = "starlight-proxy"
+    stop_timeout = 15.0
+
     def __init__(
         self,
         workdir: Path,
@@ -86,7 +87,7 @@ class ProxyProcess:
         self.port = port if port is not None else free_port()
         self.database = database or str(self.workdir / "metadata.db")
         self.config_path = self.workdir / "proxy.toml"
-        self.log_path = self.workdir / "proxy.log"
+        super().__init__(self.workdir / "proxy.log")
         self._config: dict[str, Any] = {
             "listen": listen,
             "port": self.port,
@@ -99,83 +100,31 @@ class ProxyProcess:
         if auth:
             self._config["auth"] = dict(auth)
         self._env = dict(env or {})
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.listen}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        if self._process is None:
-            raise RuntimeError("the proxy is not running")
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
         if self.running:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_toml(self._config))
-        self._log = self.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("STARLIGHT_PROXY_")}
         env.update(self._env)
-        self._process = subprocess.Popen(
+        self._spawn(
             netns_argv(self.netns, [proxy_binary(), "--config", str(self.config_path)]),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
             env=env,
             cwd=self.workdir,
         )
-        try:
-            wait_for(
-                lambda: call_in_netns(self.netns, self._answers),
-                timeout=_START_TIMEOUT,
-                what=f"starlight-proxy on {self.url}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> ProxyProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._wait_ready(
+            lambda: call_in_netns(self.netns, self._answers),
+            timeout=_START_TIMEOUT,
+            what=f"starlight-proxy on {self.url}",
+        )
 
     def _answers(self) -> bool:
-        if self._process is None or self._process.poll() is not None:
-            raise RuntimeError(f"starlight-proxy exited early; its log:\n{self.log()[-4000:]}")
+        self._check_alive()
         try:
             with urllib.request.urlopen(f"{self.url}/health-check", timeout=2) as response:
                 return bool(response.status == 200)

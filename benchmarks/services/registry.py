@@ -15,20 +15,19 @@ import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Final
+from typing import Final
 
-from benchmarks.services import free_port, wait_for
+from benchmarks.services import free_port
+from benchmarks.services.process import ServiceProcess
 from benchmarks.wan.netns import call_in_netns, netns_argv
 
 __all__ = ["REGISTRY_BINARY", "Registry"]
 
 REGISTRY_BINARY: Final = "/usr/bin/docker-registry"
 _START_TIMEOUT: Final = 30.0
-_STOP_TIMEOUT: Final = 10.0
 
 
-class Registry:
+class Registry(ServiceProcess):
     """Launch ``docker-registry serve`` with filesystem storage on 127.0.0.1.
 
     ``htpasswd=(user, password)`` turns on Basic authentication. ``url`` is the base URL
@@ -36,6 +35,9 @@ class Registry:
     ``netns`` runs it inside that network namespace (``benchmarks.wan``), listening on
     ``listen`` (an address of that namespace); its readiness is checked from inside too.
     """
+
+    name = "docker-registry"
+    stop_timeout = 10.0
 
     def __init__(
         self,
@@ -55,9 +57,7 @@ class Registry:
         self.binary = binary
         self.storage = self.workdir / "storage"
         self.config_path = self.workdir / "config.yml"
-        self.log_path = self.workdir / "registry.log"
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(self.workdir / "registry.log")
 
     @property
     def host(self) -> str:
@@ -79,63 +79,21 @@ class Registry:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.storage.mkdir(exist_ok=True)
         self._write_config()
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            netns_argv(self.netns, [self.binary, "serve", str(self.config_path)]),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
+        self._spawn(
+            netns_argv(self.netns, [self.binary, "serve", str(self.config_path)]), cwd=self.workdir
         )
-        try:
-            wait_for(
-                lambda: call_in_netns(self.netns, self._answers),
-                timeout=_START_TIMEOUT,
-                what=f"docker-registry on {self.host}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._wait_ready(
+            lambda: call_in_netns(self.netns, self._answers),
+            timeout=_START_TIMEOUT,
+            what=f"docker-registry on {self.host}",
+        )
 
     def restart(self) -> None:
         self.stop()
         self.start()
 
-    def log(self) -> str:
-        """The registry's output so far (for failure messages)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def __enter__(self) -> Registry:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _answers(self) -> bool:
-        if self._process is None or self._process.poll() is not None:
-            raise RuntimeError(f"docker-registry exited early; its log:\n{self.log()[-4000:]}")
+        self._check_alive()
         try:
             with urllib.request.urlopen(f"{self.url}/v2/", timeout=2) as response:
                 return bool(response.status == 200)
