@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import attrs
 from rich.console import Console
@@ -46,6 +46,7 @@ from benchmarks.images.recipe import Workload
 from benchmarks.images.workloads import QUICK, WORKLOADS, PublishedImage, publish
 from benchmarks.stack import (
     WanCloud,
+    WanEdge,
     start_wan_cloud,
     start_wan_edge,
     stop_wan_cloud,
@@ -334,7 +335,7 @@ class Harness:
                 f"{floor.read_bytes / 1e6:.1f} MB to transfer"
             )
 
-    def _cli(self, edge: Any, *args: str) -> str:
+    def _cli(self, edge: WanEdge, *args: str) -> str:
         finished = run_measured(edge.cli_argv(*args), env=edge.cli_env())
         if finished.returncode != 0:
             raise RuntimeError(f"ctr-starlight {' '.join(args)}: {finished.output[-2000:]}")
@@ -342,12 +343,12 @@ class Harness:
 
     # --- one measurement ---
 
-    def _start_edge(self, cloud: WanCloud) -> tuple[Any, Path]:
+    def _start_edge(self, cloud: WanCloud) -> tuple[WanEdge, Path]:
         self._edges += 1
         path = self.settings.workdir / f"edge-{self._edges}"
         return start_wan_edge(path, cloud), path
 
-    def _stop_edge(self, edge: Any, path: Path) -> None:
+    def _stop_edge(self, edge: WanEdge, path: Path) -> None:
         try:
             stop_wan_edge(edge)
         finally:
