@@ -455,8 +455,10 @@ def measure_starlight(
     ordering: bool,
     logs: Path,
     timeout: float,
+    old_present: bool = False,
 ) -> Sample:
-    if old is not None:
+    """``old``: the image the worker updates from (pulled first unless ``old_present``)."""
+    if old is not None and not old_present:
         pull_starlight(edge, old, wait=True)
     meter = WorkerCpu(edge)
     link = edge.link

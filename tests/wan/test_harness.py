@@ -370,3 +370,23 @@ def test_quick_settings_are_one_link_small_workloads_one_repeat(tmp_path: Path) 
     full = settings_from(_parser().parse_args(["--workdir", str(tmp_path)]))
     assert full.repeats == 3
     assert len(full.links) == 7
+
+
+def test_profile_summary_of_collapsed_stacks() -> None:
+    from benchmarks.wan.profile import inclusive, top_functions
+
+    collapsed = "\n".join(
+        [
+            "main (starlight_worker/daemon.py:1);read (starlight_worker/puller.py:9) 30",
+            "main (starlight_worker/daemon.py:1);sha (hashlib) 50",
+            "main (starlight_worker/daemon.py:1);read (starlight_worker/puller.py:9);sha (hashlib) 20",
+            "garbage",
+        ]
+    )
+    top, total = top_functions(collapsed)
+    assert total == 100
+    assert top[0] == ("sha (hashlib)", 70)
+    assert dict(inclusive(collapsed)) == {
+        "main (starlight_worker/daemon.py:1)": 100,
+        "read (starlight_worker/puller.py:9)": 50,
+    }
