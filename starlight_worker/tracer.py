@@ -276,8 +276,9 @@ class Tracer:
         Containers whose aliases the FUSE server no longer serves (it restarted: their mounts
         are gone) are finished and forgotten."""
         async with self._lock:
-            await anyio.to_thread.run_sync(lambda: self.directory.mkdir(exist_ok=True))
             self._state = await anyio.to_thread.run_sync(self._load_state)
+            if not self._state.containers and not self._state.optimizer.enabled:
+                return  # never used, or nothing left: nothing to resume, nothing to write
             try:
                 served = {info.layer_key for info in await self.fused.list()}
             except StarlightError as exc:
