@@ -375,18 +375,12 @@ def test_quick_settings_are_one_link_small_workloads_one_repeat(tmp_path: Path) 
 def test_profile_summary_of_collapsed_stacks() -> None:
     from benchmarks.wan.profile import inclusive, top_functions
 
+    main = "main (starlight_worker/daemon.py:1)"
+    read = "read (starlight_worker/puller.py:9)"
     collapsed = "\n".join(
-        [
-            "main (starlight_worker/daemon.py:1);read (starlight_worker/puller.py:9) 30",
-            "main (starlight_worker/daemon.py:1);sha (hashlib) 50",
-            "main (starlight_worker/daemon.py:1);read (starlight_worker/puller.py:9);sha (hashlib) 20",
-            "garbage",
-        ]
+        [f"{main};{read} 30", f"{main};sha (hashlib) 50", f"{main};{read};sha (hashlib) 20", "x"]
     )
     top, total = top_functions(collapsed)
     assert total == 100
     assert top[0] == ("sha (hashlib)", 70)
-    assert dict(inclusive(collapsed)) == {
-        "main (starlight_worker/daemon.py:1)": 100,
-        "read (starlight_worker/puller.py:9)": 50,
-    }
+    assert dict(inclusive(collapsed)) == {main: 100, read: 50}
