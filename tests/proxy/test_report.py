@@ -134,15 +134,16 @@ def trace_of(
     )
 
 
-def sent_order(bundle: DecodedBundle, image: int = 0) -> list[str]:
-    """The paths of ``image`` in the order the bundle sent their contents (each content once:
-    every file of this test has its own)."""
+def sent_order(bundle: DecodedBundle, *images: int) -> list[str]:
+    """The paths of ``images`` (default: the first; every file of this test has a content of
+    its own) in the order the bundle sent their contents."""
     header = bundle.header
     paths: dict[Digest, str] = {}
-    layers = [header.layers[i] for i in header.images[image].layers]
-    for name, _, _, entry in merged_view(layers).file_entries():
-        if entry.digest is not None:
-            paths.setdefault(entry.digest, name)
+    for image in images or (0,):
+        layers = [header.layers[i] for i in header.images[image].layers]
+        for name, _, _, entry in merged_view(layers).file_entries():
+            if entry.digest is not None:
+                paths.setdefault(entry.digest, name)
     order: list[str] = []
     for index in bundle.extents:
         path = paths.get(header.extents[index].content)
@@ -205,30 +206,13 @@ async def test_a_group_orders_its_joint_bundle(proxy: ProxyClient, images: Image
     first_app, first_db = sent_order(joint, 0), sent_order(joint, 1)
     # One stream for both images: interleaved by when each container needed each file (the
     # images' own rankings alone would alternate: c/1, e/3, a/2, d/1, b/3).
-    merged = [p for p in _stream_paths(joint) if p in ("c/1", "a/2", "b/3", "e/3", "d/1")]
+    merged = [p for p in sent_order(joint, 0, 1) if p in ("c/1", "a/2", "b/3", "e/3", "d/1")]
     assert merged == ["c/1", "a/2", "e/3", "d/1", "b/3"]
     assert first_app[:3] == ["c/1", "a/2", "b/3"]
     assert first_db[:2] == ["e/3", "d/1"]
     # Each image alone keeps its own order.
     assert sent_order(await bundle_order(proxy, db.reference))[:2] == ["e/3", "d/1"]
     assert sent_order(await bundle_order(proxy, app.reference))[:3] == ["c/1", "a/2", "b/3"]
-
-
-def _stream_paths(bundle: DecodedBundle) -> list[str]:
-    """Paths of every image of a joint bundle, in the order their contents were sent."""
-    header = bundle.header
-    paths: dict[Digest, str] = {}
-    for image in range(len(header.images)):
-        layers = [header.layers[i] for i in header.images[image].layers]
-        for name, _, _, entry in merged_view(layers).file_entries():
-            if entry.digest is not None:
-                paths.setdefault(entry.digest, name)
-    order: list[str] = []
-    for index in bundle.extents:
-        path = paths[header.extents[index].content]
-        if path not in order:
-            order.append(path)
-    return order
 
 
 async def test_bad_reports_get_clear_errors_and_store_nothing(
