@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from benchmarks.images.keystore import normalise_keystore_file
+
 __all__ = ["BuildError", "bootstrap", "copy_tree", "installed_packages", "run", "settle"]
 
 _HOOKS: Final = (
@@ -245,7 +247,8 @@ def run(
 
 
 def settle(root: Path, *, epoch: int) -> None:
-    """Remove build leftovers and clamp every mtime to ``epoch`` (never moving one forward)."""
+    """Remove build leftovers, date the Java CA keystore (it records when each certificate was
+    added) and clamp every mtime to ``epoch`` (never moving one forward)."""
     for pattern in _LEFTOVER_FILES:
         for path in root.glob(pattern):
             if path.is_dir() and not path.is_symlink():
@@ -262,6 +265,10 @@ def settle(root: Path, *, epoch: int) -> None:
             else:
                 child.unlink()
     limit = epoch * 1_000_000_000
+    keystore = root / "etc" / "ssl" / "certs" / "java" / "cacerts"
+    # Made in this step (not inherited from an earlier one, already settled at its own date).
+    if keystore.is_file() and not keystore.is_symlink() and keystore.stat().st_mtime_ns > limit:
+        normalise_keystore_file(keystore, epoch)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             entry = os.path.join(dirpath, name)
