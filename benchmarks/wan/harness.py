@@ -69,6 +69,7 @@ from benchmarks.wan.results import (
     Results,
     Run,
     check_targets,
+    render_comparison,
     render_summary,
     render_targets,
     summarise,
@@ -501,22 +502,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report",
         type=Path,
+        nargs="+",
         metavar="RESULTS_JSON",
-        help="no measuring: print the tables and draw the figures of saved results",
+        help="no measuring: tables and figures of saved results (several: merged, a later "
+        "file's link × workload replacing an earlier one's; written to --out)",
     )
     return parser
 
 
-def _report(path: Path) -> int:
+def _report(paths: Sequence[Path], out: Path | None) -> int:
     from benchmarks.wan.figure import render_figures
-    from benchmarks.wan.results import load_results
+    from benchmarks.wan.results import load_results, merge_results
 
-    results = load_results(path)
+    results = merge_results([load_results(path) for path in paths])
+    directory = out or paths[0].parent
     rows = summarise(results)
-    print(render_summary(rows))
+    print(render_comparison(rows))
     print(render_targets(check_targets(rows)))
-    write_results(results, path.parent)
-    for figure in render_figures(results, path.parent):
+    write_results(results, directory)
+    for figure in render_figures(results, directory):
         print(f"figure: {figure}")
     return 0
 
@@ -546,7 +550,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.report is not None:
-        return _report(args.report)
+        return _report(args.report, args.out)
     if os.geteuid() != 0:
         print("python -m benchmarks.wan needs root (network namespaces, containerd, FUSE)")
         return 2

@@ -49,6 +49,8 @@ __all__ = [
     "floor_transfer_seconds",
     "geometric_mean",
     "load_results",
+    "merge_results",
+    "render_comparison",
     "render_summary",
     "render_targets",
     "stat",
@@ -432,6 +434,48 @@ def render_summary(rows: Sequence[SummaryRow]) -> str:
     )
 
 
+def render_comparison(rows: Sequence[SummaryRow]) -> str:
+    """One line per link × workload × scenario: each method's median time to ready, the
+    floor, and the ratios the targets speak of."""
+    index = _index(rows)
+    keys: list[tuple[str, str, str]] = []
+    for r in rows:
+        if (r.link, r.workload, r.scenario) not in keys:
+            keys.append((r.link, r.workload, r.scenario))
+    lines = [
+        "| link | workload | scenario | stock s | starlight s | no order s | curl s | floor s "
+        "| speed-up | × floor | ÷ curl | CPU ÷ stock | MB stock / starlight |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for link, workload, scenario in keys:
+        got = {m: index.get((link, workload, scenario, m)) for m in METHODS}
+        ready = {m: _median(row) for m, row in got.items()}
+        floor = next((row.floor_s for row in got.values() if row is not None), None)
+        ours, stock, curl = ready["starlight"], ready["stock"], ready["curl"]
+        cpu = {
+            m: row.cpu.median if row is not None and row.cpu is not None else None
+            for m, row in got.items()
+        }
+        wire = {
+            m: row.wire_bytes.median / 1e6
+            if row is not None and row.wire_bytes is not None
+            else None
+            for m, row in got.items()
+        }
+        lines.append(
+            f"| {link} | {workload} | {scenario} | {_fmt(stock)} | {_fmt(ours)} "
+            f"| {_fmt(ready['starlight-unordered'])} | {_fmt(curl)} | {_fmt(floor)} "
+            f"| {_fmt(_ratio(stock, ours))} | {_fmt(_ratio(ours, floor))} "
+            f"| {_fmt(_ratio(ours, curl))} | {_fmt(_ratio(cpu['starlight'], cpu['stock']))} "
+            f"| {_fmt(wire['stock'], 1)} / {_fmt(wire['starlight'], 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def render_targets(checks: Sequence[TargetCheck]) -> str:
     lines = ["| target | goal | measured | met |", "|---|---|---|---|"]
     for c in checks:
@@ -504,7 +548,8 @@ def write_results(results: Results, directory: Path) -> dict[str, Path]:
                     r.ratio_to_floor,
                 ]
             )
-    text = "# WAN benchmark results\n\n" + render_summary(rows) + "\n## Targets\n\n"
+    text = "# WAN benchmark results\n\n" + render_comparison(rows) + "\n## Every measure\n\n"
+    text += render_summary(rows) + "\n## Targets\n\n"
     text += render_targets(check_targets(rows)) + _render_peers(results)
     _atomic_write(paths["markdown"], text)
     return paths
@@ -533,6 +578,38 @@ def _atomic(path: Path) -> Iterator[IO[str]]:
 def _atomic_write(path: Path, text: str) -> None:
     with _atomic(path) as handle:
         handle.write(text)
+
+
+def merge_results(parts: Sequence[Results]) -> Results:
+    """Several result sets as one: a later part's runs of a link × workload replace an
+    earlier part's (a re-run), floors of a workload × scenario likewise; links by label."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    runs: list[Run] = []
+    floors: dict[tuple[str, str], Floor] = {}
+    links: dict[str, dict[str, Any]] = {}
+    images: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for part in parts:
+        replaced = {(r.link, r.workload) for r in part.runs}
+        runs = [r for r in runs if (r.link, r.workload) not in replaced] + list(part.runs)
+        floors.update({(f.workload, f.scenario): f for f in part.floors})
+        for link in part.links:
+            config = link.get("config", {})
+            links[f"{config.get('rtt_ms')}/{config.get('rate_mbit')}"] = link
+        images.update({str(i.get("starlight")): i for i in part.images})
+        notes += [n for n in part.notes if n not in notes]
+    first = parts[0]
+    return Results(
+        started=first.started,
+        settings={**first.settings, "merged": [p.started for p in parts]},
+        links=list(links.values()),
+        runs=runs,
+        floors=list(floors.values()),
+        peers=parts[-1].peers,
+        images=list(images.values()),
+        notes=notes,
+    )
 
 
 def load_results(path: Path) -> Results:

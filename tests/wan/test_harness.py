@@ -384,3 +384,28 @@ def test_profile_summary_of_collapsed_stacks() -> None:
     assert total == 100
     assert top[0] == ("sha (hashlib)", 70)
     assert dict(inclusive(collapsed)) == {main: 100, read: 50}
+
+
+def test_merge_replaces_a_rerun_link_and_workload() -> None:
+    from benchmarks.wan.results import merge_results, render_comparison
+
+    first = _results()
+    rerun = Results(
+        started="later",
+        settings={},
+        runs=[_run("redis", "deploy", "stock", 20.0), _run("redis", "deploy", "starlight", 2.0)],
+        floors=[Floor(workload="redis", scenario="deploy", read_files=1, read_bytes=1)],
+        links=[{"config": {"rtt_ms": 150.0, "rate_mbit": 100.0}, "throughput_mbit": 96.0}],
+    )
+    merged = merge_results([first, rerun])
+    assert {r.workload for r in merged.runs} == {"redis", "nginx"}
+    assert sorted(r.ready_s or 0 for r in merged.runs if r.workload == "redis") == [2.0, 20.0]
+    assert len([r for r in merged.runs if r.workload == "nginx"]) == 8
+    assert {(f.workload, f.read_bytes) for f in merged.floors} == {("redis", 1), ("nginx", 0)}
+    assert merged.settings["merged"] == [first.started, "later"]
+    table = render_comparison(summarise(merged))
+    # stock 20 s, starlight 2 s: a 10× speed-up; no curl run: no ratio to it.
+    assert "| 150 ms / 100 Mbit/s | redis | deploy | 20.00 | 2.00 | - | - |" in table
+    assert "| 10.00 |" in table
+    with pytest.raises(ValueError, match="nothing"):
+        merge_results([])
