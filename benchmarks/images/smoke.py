@@ -29,6 +29,7 @@ from starlight_core.reference import Reference
 __all__ = ["Ready", "WorkloadNotReady", "run_workload", "smoke"]
 
 _POLL: Final = 0.05
+_LOG_GRACE: Final = 10.0
 
 
 class WorkloadNotReady(RuntimeError):
@@ -100,14 +101,21 @@ def run_workload(
     log_probe = workload.log_probe
     started = time.monotonic()
     log_seconds: float | None = None
+    ready_seconds: float | None = None
     with _container(containerd, reference, port, workload, log) as (process, name):
         while True:
             output = _read(log)
             now = time.monotonic() - started
             if log_seconds is None and log_probe.check(output=output):
                 log_seconds = now
-            if probe.check(output=output):
-                return Ready(seconds=now, log_seconds=log_seconds, output=output)
+            if ready_seconds is None and probe.check(output=output):
+                ready_seconds = now
+            # The output reaches the file through containerd's pipes, after the service may
+            # already have answered: give the ready line a moment to arrive too.
+            if ready_seconds is not None and (
+                log_seconds is not None or now - ready_seconds > _LOG_GRACE
+            ):
+                return Ready(seconds=ready_seconds, log_seconds=log_seconds, output=output)
             if process.poll() is not None:
                 raise WorkloadNotReady(
                     f"{workload.name} ({name}) exited with {process.returncode} before "

@@ -771,7 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for name, workload in WORKLOADS.items():
             pins = {
-                v: ", ".join(f"{k}={p}" for k, p in workload.versions[v].debian.items())
+                v: ", ".join(
+                    [f"{k}={p}" for k, p in workload.versions[v].debian.items()]
+                    + [f"{k}=={p}" for k, p in workload.versions[v].pypi.items()]
+                )
                 for v in ("v1", "v2")
             }
             state = "built" if all(builder.cached(workload, v, k) for v, k in BUILDS) else "-"
