@@ -648,10 +648,19 @@ class Pull:
         with self._needs_lock:
             handles = self._needs.pop(content.digest, [])
         arrived: list[tuple[str, list[str]]] = []
-        for i, handle in enumerate(handles):
-            names = handle.place(content.digest, path, keep=i < len(handles) - 1)
-            self._files_done += len(names)
-            arrived.append((handle.key, names))
+        try:
+            for i, handle in enumerate(handles):
+                names = handle.place(content.digest, path, keep=i < len(handles) - 1)
+                self._files_done += len(names)
+                arrived.append((handle.key, names))
+        except BaseException:
+            # A failed placement (a full disk) leaves the staged file for a retry; this pull
+            # will not retry it (the next bundle sends the content again): do not leak it.
+            with self._needs_lock:
+                self._needs.setdefault(content.digest, []).extend(handles[len(arrived) :])
+            with contextlib.suppress(OSError):
+                os.unlink(str(path))
+            raise
         if not handles:
             os.unlink(str(path))
         return arrived

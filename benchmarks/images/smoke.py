@@ -29,7 +29,7 @@ from starlight_core.reference import Reference
 __all__ = ["Ready", "WorkloadNotReady", "run_workload", "smoke"]
 
 _POLL: Final = 0.05
-_LOG_GRACE: Final = 10.0
+_LOG_GRACE: Final = 60.0  # a loaded machine prints late
 
 
 class WorkloadNotReady(RuntimeError):
