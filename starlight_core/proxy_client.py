@@ -176,7 +176,8 @@ class DeltaRequest:
     worker holds besides those of the ``from_`` images. ``offset`` with ``bundle_id`` resumes
     that bundle byte for byte (412 ``bundle_changed`` if the proxy would now send another);
     ``resumes`` marks a new bundle as the continuation of an interrupted one (it is written in
-    the header). ``ordering`` false sends contents in layer order (for measurements).
+    the header). ``ordering`` false sends contents in layer order (for measurements);
+    ``tocs`` spares the header the file lists the worker already has.
     """
 
     to: tuple[str, ...]
@@ -187,6 +188,9 @@ class DeltaRequest:
     bundle_id: str | None = None
     ordering: bool = True
     resumes: ResumeInfo | None = None
+    tocs: tuple[Digest, ...] = ()
+    """diff_ids of layers whose TOC the worker holds: the header sends those layers without
+    their entries (``BundleHeader.omitted``), which makes an update's header small."""
 
     def __attrs_post_init__(self) -> None:
         if not self.to:

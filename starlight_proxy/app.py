@@ -8,7 +8,8 @@ Routes::
     POST /starlight/notify     {"ref", "platform"?, "all_platforms"?} -> NotifyResult
     GET  /starlight/delta      ?to=REF[,REF]&from=REF[,REF]&platform=P[&have=D,..][&offset=N
                                &bundle_id=ID][&ordering=false] -> the bundle stream
-    POST /starlight/delta      the same as a JSON DeltaRequest (long ``have`` lists, resumes)
+    POST /starlight/delta      the same as a JSON DeltaRequest (long ``have`` lists, resumes,
+                               ``tocs``: layers whose file lists the worker holds)
     GET  /starlight/images     [?name=REPO] -> ImageList
     POST /starlight/report     one start-up trace (JSON Lines) -> ReportResult (see reports.py)
 

@@ -168,7 +168,9 @@ class BundlePlanner:
                     targets, metas, delta.targets, strict=True
                 )
             ]
-            header, header_bytes = start_bundle(delta, images, resume=request.resumes)
+            header, header_bytes = start_bundle(
+                delta, images, resume=request.resumes, omit=request.tocs
+            )
             return delta, header, header_bytes
 
         delta, header, header_bytes = await anyio.to_thread.run_sync(compute)

@@ -52,6 +52,7 @@ from starlight_core.bundle import (
     Extent,
     Header,
     decompress_extent,
+    fill_omitted,
 )
 from starlight_core.digest import Digest
 from starlight_core.errors import (
@@ -61,6 +62,7 @@ from starlight_core.errors import (
     ProxyUnavailable,
     StarlightError,
 )
+from starlight_core.layer.toc import TOC, LayerInfo
 from starlight_core.oci import chain_ids
 from starlight_core.platform import Platform
 from starlight_core.proxy_client import DeltaRequest, ProxyClient
@@ -75,6 +77,7 @@ from starlight_worker.layers import LABEL_IMAGE, LABEL_LAYER, StarlightLayers
 from starlight_worker.metrics import Metrics
 from starlight_worker.store import LayerHandle, Store
 from starlight_worker.store.beneath import disk_error
+from starlight_worker.store.store import layer_key
 
 __all__ = ["Phase", "Pull", "PullOptions", "PullProgress"]
 
@@ -304,18 +307,27 @@ class Pull:
                 os.unlink(str(content.path))
         self._writing.clear()
 
-    def _from_refs(self) -> tuple[str, ...]:
-        if self.options.from_refs is not None:
-            return self.options.from_refs
-        target = self.options.reference
+    def _from_refs(self) -> tuple[tuple[str, ...], tuple[Digest, ...]]:
+        """The images to name as held (newest of the same repository first), and the
+        diff_ids of their layers: the store has their TOCs, the header need not carry them."""
         held = [image for image in self.store.images() if image.complete]
-        same = [i.reference for i in held if Reference.parse(i.reference).name == target.name]
-        others = [i.reference for i in held if Reference.parse(i.reference).name != target.name]
-        refs = [r for r in same + others if r != str(target)]
-        return tuple(refs[:32])
+        if self.options.from_refs is not None:
+            refs = list(self.options.from_refs)
+        else:
+            target = self.options.reference
+            same = [i.reference for i in held if Reference.parse(i.reference).name == target.name]
+            others = [i.reference for i in held if Reference.parse(i.reference).name != target.name]
+            refs = [r for r in same + others if r != str(target)][:32]
+        named = set(refs)
+        keys = {key for image in held if image.reference in named for key in image.layers}
+        tocs = [Digest(key.replace("-", ":", 1)) for key in sorted(keys)]
+        return tuple(refs), tuple(tocs)
+
+    def _held_toc(self, layer: LayerInfo) -> TOC:
+        return self.store.open_layer(layer_key(layer.diff_id)).toc
 
     async def _run(self) -> None:
-        from_refs = await anyio.to_thread.run_sync(self._from_refs)
+        from_refs, tocs = await anyio.to_thread.run_sync(self._from_refs)
         self._publish(force=True, from_refs=from_refs)
         reader: BundleReader | None = None
         header_size = 0
@@ -338,6 +350,7 @@ class Pull:
                 offset=reader.offset if exact and reader is not None else 0,
                 bundle_id=self._header.bundle_id if exact and self._header else None,
                 ordering=self.options.ordering,
+                tocs=tocs if use_from else (),
             )
             try:
                 async with self._proxy() as proxy, proxy.delta(request) as stream:
@@ -439,6 +452,7 @@ class Pull:
     async def _on_header(self, header: BundleHeader) -> None:
         if not header.images:
             raise BundleProtocolError("the bundle names no image")
+        header = await anyio.to_thread.run_sync(fill_omitted, header, self._held_toc)
         image = header.images[0]
         self._header = header
         # Base first, each on the layers below it (nearest first): implied directories take

@@ -353,7 +353,8 @@ class Harness:
         try:
             stop_wan_edge(edge)
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            if not self.settings.keep_workdir:  # kept: its logs show what each run did
+                shutil.rmtree(path, ignore_errors=True)
 
     def _measure(
         self,
@@ -425,6 +426,8 @@ class Harness:
                     to=(str(target.starlight),),
                     from_=(str(old.starlight),) if old is not None else (),
                     platform=PLATFORM,
+                    # The worker holds the old version's file lists (as a starlight pull says).
+                    tocs=tuple(layer.diff_id for layer in old.layers) if old is not None else (),
                 )
             )
             scratch = Path(tempfile.mkdtemp(dir=self.settings.workdir))

@@ -28,6 +28,7 @@ from starlight_core.bundle.codec import (
     encode_header,
     error_for,
     extent_record_size,
+    fill_omitted,
     start_bundle,
 )
 from starlight_core.bundle.header import (
@@ -71,5 +72,6 @@ __all__ = [
     "encode_header",
     "error_for",
     "extent_record_size",
+    "fill_omitted",
     "start_bundle",
 ]

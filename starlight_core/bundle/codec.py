@@ -20,8 +20,9 @@ Wire format
   digests with their exact text, media type, platform, layer indexes), ``layers`` (full TOCs),
   ``extents`` (``[content, chunk_index, offset, size, compressed_size, chunk_digest]`` each, in
   the order the EXTENT records follow), ``local`` (contents the worker copies from what it
-  holds) and ``resume``. Compressed as one gzip member with mtime 0, so that equal headers are
-  equal bytes.
+  holds), ``resume`` and ``omitted`` (layers sent as an entry-less TOC because the worker
+  named their diff_ids in the request's ``tocs``: it fills them in from its own store).
+  Compressed as one gzip member with mtime 0, so that equal headers are equal bytes.
 * EXTENT: the index of its descriptor in ``header.extents``, then the gzip member exactly as it
   lies in the layer blob (``compressed_size`` bytes). Record ``i`` is always extent ``i``.
 * END: the number of extents and the stream offset of the END record itself.
@@ -59,7 +60,7 @@ import hashlib
 import json
 import zlib
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Final, Literal, TypeVar
 
 import attrs
@@ -75,8 +76,9 @@ from starlight_core.bundle.header import (
     ResumeInfo,
 )
 from starlight_core.delta import DeltaPlan, PlannedExtent
-from starlight_core.digest import DigestVerifier
+from starlight_core.digest import Digest, DigestVerifier
 from starlight_core.errors import BundleProtocolError, DigestMismatch, InvalidInput, StarlightError
+from starlight_core.layer.toc import TOC, LayerInfo
 
 __all__ = [
     "DEFAULT_MAX_HEADER_JSON_SIZE",
@@ -102,6 +104,7 @@ __all__ = [
     "encode_header",
     "error_for",
     "extent_record_size",
+    "fill_omitted",
     "start_bundle",
 ]
 
@@ -141,35 +144,54 @@ def descriptors(extents: Iterable[PlannedExtent]) -> tuple[ExtentDescriptor, ...
     )  # fmt: skip
 
 
-def _draft(plan: DeltaPlan, images: Sequence[ImageInfo], resume: ResumeInfo | None) -> BundleHeader:
+def _draft(
+    plan: DeltaPlan,
+    images: Sequence[ImageInfo],
+    resume: ResumeInfo | None,
+    omit: Collection[Digest],
+) -> BundleHeader:
     if [image.layers for image in images] != list(plan.targets):
         raise ValueError("images must match plan.targets one to one, with the same layers")
+    omitted = tuple(i for i, toc in enumerate(plan.layers) if toc.layer.diff_id in omit)
+    layers = list(plan.layers)
+    for i in omitted:
+        layers[i] = attrs.evolve(layers[i], entries=())
     return BundleHeader(
         bundle_id=_ZERO_ID,
         images=tuple(images),
-        layers=plan.layers,
+        layers=tuple(layers),
         extents=descriptors(plan.extents),
         local=plan.local,
         resume=resume,
+        omitted=omitted,
     )
 
 
 def build_header(
-    plan: DeltaPlan, images: Sequence[ImageInfo], *, resume: ResumeInfo | None = None
+    plan: DeltaPlan,
+    images: Sequence[ImageInfo],
+    *,
+    resume: ResumeInfo | None = None,
+    omit: Collection[Digest] = (),
 ) -> BundleHeader:
-    """The header of the bundle that carries ``plan``; ``images[i]`` is ``plan.targets[i]``."""
-    draft = _draft(plan, images, resume)
+    """The header of the bundle that carries ``plan``; ``images[i]`` is ``plan.targets[i]``.
+    Layers whose diff_id is in ``omit`` go without their entries (``BundleHeader.omitted``)."""
+    draft = _draft(plan, images, resume, frozenset(omit))
     return attrs.evolve(draft, bundle_id=hashlib.sha256(wire.dumps(draft)).hexdigest())
 
 
 def start_bundle(
-    plan: DeltaPlan, images: Sequence[ImageInfo], *, resume: ResumeInfo | None = None
+    plan: DeltaPlan,
+    images: Sequence[ImageInfo],
+    *,
+    resume: ResumeInfo | None = None,
+    omit: Collection[Digest] = (),
 ) -> tuple[BundleHeader, bytes]:
     """``build_header`` and ``encode_header`` with one serialisation instead of two.
 
     The JSON of a large header takes seconds to produce; the id is spliced into the draft's.
     """
-    draft = _draft(plan, images, resume)
+    draft = _draft(plan, images, resume, frozenset(omit))
     text = wire.dumps(draft)
     bundle_id = hashlib.sha256(text).hexdigest()
     prefix = b'{"version":%d,"bundle_id":"%s"' % (BUNDLE_VERSION, _ZERO_ID.encode())
@@ -177,6 +199,32 @@ def start_bundle(
         raise AssertionError("the bundle header JSON must start with version and bundle_id")
     text = prefix.replace(_ZERO_ID.encode(), bundle_id.encode()) + text[len(prefix) :]
     return attrs.evolve(draft, bundle_id=bundle_id), _frame_header(text)
+
+
+def fill_omitted(header: BundleHeader, held: Callable[[LayerInfo], TOC]) -> BundleHeader:
+    """``header`` with its ``omitted`` layers complete again: ``held(layer)`` gives the TOC
+    the worker keeps for that layer (its diff_id). A TOC of another layer, or ``held``
+    failing with a ``StarlightError``, is a ``BundleProtocolError``: ask again without
+    naming ``tocs``."""
+    if not header.omitted:
+        return header
+    layers = list(header.layers)
+    for i in header.omitted:
+        stub = layers[i].layer
+        try:
+            toc = held(stub)
+        except StarlightError as exc:
+            raise BundleProtocolError(
+                f"layer {stub.digest} was sent without its TOC, but the worker cannot "
+                f"provide it: {exc.message}"
+            ) from exc
+        if toc.layer.digest != stub.digest or toc.layer.diff_id != stub.diff_id:
+            raise BundleProtocolError(
+                f"layer {stub.digest} was sent without its TOC; the worker holds the TOC of "
+                f"{toc.layer.digest} for diff_id {stub.diff_id}"
+            )
+        layers[i] = toc
+    return attrs.evolve(header, layers=tuple(layers), omitted=())
 
 
 def _record(kind: RecordType, *parts: bytes) -> bytes:
@@ -597,6 +645,11 @@ class BundleReader:
             if any(not 0 <= i < len(header.layers) for i in image.layers):
                 raise BundleProtocolError(
                     f"image {image.reference} names a layer the header does not hold"
+                )
+        for i in header.omitted:
+            if not 0 <= i < len(header.layers) or header.layers[i].entries:
+                raise BundleProtocolError(
+                    f"omitted layer {i} is not an entry-less layer of the header"
                 )
         return header
 

@@ -92,12 +92,16 @@ class BundleHeader:
     stream."""
     images: tuple[ImageInfo, ...]
     layers: tuple[TOC, ...]
-    """Every layer of every image once, each a full TOC."""
+    """Every layer of every image once, each a full TOC — except those in ``omitted``."""
     extents: tuple[ExtentDescriptor, ...]
     """The EXTENT records that follow, in order."""
     local: tuple[Digest, ...] = ()
     """Contents the worker copies from what it already holds."""
     resume: ResumeInfo | None = None
+    omitted: tuple[int, ...] = ()
+    """Indexes into ``layers`` sent without their entries (an empty TOC with the layer's
+    identity): the worker said it holds their TOC (``DeltaRequest.tocs``) and fills them in
+    from its store (``codec.fill_omitted``)."""
 
 
 @attrs.frozen

@@ -42,11 +42,13 @@ from starlight_core.bundle import (
     encode_extent,
     encode_header,
     error_for,
+    fill_omitted,
     start_bundle,
 )
 from starlight_core.delta import DeltaPlan, Target, plan
 from starlight_core.digest import Digest, sha256_digest
 from starlight_core.errors import BundleProtocolError, DigestMismatch, StarlightError
+from starlight_core.layer.toc import TOC, LayerInfo
 from tests.core.test_delta import CONTENTS, apply_plan, build_layer
 
 # -- a sample bundle -----------------------------------------------------------------------
@@ -545,6 +547,55 @@ def test_header_json_form() -> None:
     assert data["images"][0]["manifest"] == SAMPLE.header.images[0].manifest
     assert wire.structure(data, BundleHeader) == SAMPLE.header
     assert data["layers"][0]["entries"][0]["name"] == SAMPLE.header.layers[0].entries[0].name
+
+
+def test_layers_the_worker_holds_go_without_entries_and_are_filled_back() -> None:
+    base = SAMPLE.plan.layers[0]
+    header, header_bytes = start_bundle(
+        SAMPLE.plan, SAMPLE.header.images, omit={base.layer.diff_id}
+    )
+    assert header.omitted == (0,)
+    assert header.layers[0].layer == base.layer
+    assert header.layers[0].entries == ()
+    assert header.layers[1] == SAMPLE.header.layers[1]
+    assert header.extents == SAMPLE.header.extents  # what is sent does not change
+    assert header.bundle_id != SAMPLE.header.bundle_id
+    assert len(header_bytes) < len(SAMPLE.header_bytes)
+    assert build_header(SAMPLE.plan, SAMPLE.header.images, omit={base.layer.diff_id}) == header
+    reader = BundleReader()
+    reader.receive_data(header_bytes)
+    assert reader.next_event() == Header(header, len(header_bytes))
+
+    asked: list[Digest] = []
+
+    def held(layer: LayerInfo) -> TOC:
+        asked.append(layer.diff_id)
+        return base
+
+    filled = fill_omitted(header, held)
+    assert asked == [base.layer.diff_id]
+    assert filled == attrs.evolve(SAMPLE.header, bundle_id=header.bundle_id)
+    assert fill_omitted(SAMPLE.header, held) is SAMPLE.header  # nothing omitted: untouched
+
+    # The worker holds another layer's TOC, or none: the header cannot be completed.
+    with pytest.raises(BundleProtocolError, match="holds the TOC of"):
+        fill_omitted(header, lambda layer: SAMPLE.plan.layers[1])
+
+    def gone(layer: LayerInfo) -> TOC:
+        raise errors.NotFound("layer is not in the store")
+
+    with pytest.raises(BundleProtocolError, match="cannot provide it"):
+        fill_omitted(header, gone)
+
+
+def test_an_omitted_layer_must_be_an_entry_less_layer_of_the_header() -> None:
+    data = json.loads(wire.dumps(SAMPLE.header))
+    for omitted in ([5], [1]):  # out of range; a layer sent with its entries
+        data["omitted"] = omitted
+        reader = BundleReader()
+        reader.receive_data(MAGIC + header_record(data))
+        with pytest.raises(BundleProtocolError, match="omitted layer"):
+            drain(reader)
 
 
 # -- resumption ----------------------------------------------------------------------------

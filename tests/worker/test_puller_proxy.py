@@ -261,3 +261,61 @@ async def test_a_resumed_pull_asks_only_for_what_is_missing(
     assert sent.complete
     assert not sent.contents & held  # nothing travelled twice
     assert sent.contents | held >= {d for d, data in v1.contents.items() if data}
+
+
+async def test_an_update_header_leaves_out_the_file_lists_the_worker_holds(
+    proxy_app: Any, scenario: Scenario, tmp_path: Path
+) -> None:
+    v1, v2 = scenario.v1, scenario.v2
+    await _notify(proxy_app, v1.reference)
+    await _notify(proxy_app, v2.reference)
+    with Store(tmp_path / "store") as store:
+        first = Tamper(proxy_app, times=0)
+        await _pull(store, first, v1.reference).run()
+        update = Tamper(proxy_app, times=0)
+        pull = _pull(store, update, v2.reference)
+        await pull.run()
+        assert pull.error is None
+        assert all(_verified(store, v2.contents).values())
+        assert pull.header is not None
+        assert pull.header.omitted == ()  # filled back from the store
+        assert all(toc.entries for toc in pull.header.layers)
+        held = store.image(str(v1.reference), namespace="default")
+        assert held is not None
+        base_key = held.layers[0]
+    (request,) = update.requests
+    assert request["from"] == [str(v1.reference)]
+    assert f"sha256:{base_key.split('-', 1)[1]}" in request["tocs"]
+    sent = read_bundle(update.bodies[0]).header
+    assert sent is not None
+    assert sent.omitted == (0,)  # v2's base layer is v1's: it travelled as an empty TOC
+    assert sent.layers[0].entries == ()
+    assert pull.header.layers[0].layer == sent.layers[0].layer
+    assert len(update.bodies[0]) < len(first.bodies[0])
+
+
+async def test_a_held_toc_gone_from_the_store_is_asked_for_again(
+    proxy_app: Any, scenario: Scenario, tmp_path: Path
+) -> None:
+    v1, v2 = scenario.v1, scenario.v2
+    await _notify(proxy_app, v1.reference)
+    await _notify(proxy_app, v2.reference)
+    with Store(tmp_path / "store") as store:
+        await _pull(store, Tamper(proxy_app, times=0), v1.reference).run()
+        image = store.image(str(v1.reference), namespace="default")
+        assert image is not None
+        base_dir = store.layer_dir(image.layers[0])
+    (base_dir / "toc.json").unlink()  # the store cannot give the TOC the header leaves out
+    with Store(tmp_path / "store") as store:
+        transport = Tamper(proxy_app, times=0)
+        pull = _pull(store, transport, v2.reference)
+        with anyio.fail_after(60):
+            await pull.run()
+        assert pull.error is None
+        assert all(_verified(store, v2.contents).values())
+    first, second = transport.requests
+    assert first["tocs"]
+    assert "tocs" not in second  # the second bundle carries every file list
+    resent = read_bundle(transport.bodies[1]).header
+    assert resent is not None
+    assert resent.omitted == ()
