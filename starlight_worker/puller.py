@@ -470,6 +470,10 @@ class Pull:
         for handle in handles:
             handle.defer_sync = True  # one database write per batch of extents, not per file
         self._handles = handles
+        # The container's mounts will need the incomplete layers served by FUSE: have the
+        # FUSE server load them now, while the image is registered and the container created.
+        receiving = [handles[i].key for i in image.layers if not handles[i].complete]
+        self._tasks.start_soon(self._attach_early, receiving)
         self._needs = {}
         self._sizes = {}
         files_total = 0
@@ -519,6 +523,15 @@ class Pull:
             self._copies_done = anyio.Event()
             self._tasks.start_soon(self._copy_local_task, list(header.local), self._copies_done)
         await self._complete_layers()
+
+    async def _attach_early(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                await self.layers.attach(key)
+            except (StarlightError, OSError) as exc:
+                # Only a head start: the snapshot's mount attaches it, or says why it cannot.
+                log.info("pull of %s: %s not attached early: %s", self.options.reference, key, exc)
+                return
 
     async def _copy_local_task(self, digests: list[Digest], done: anyio.Event) -> None:
         try:

@@ -178,6 +178,9 @@ async def test_a_pull_is_recorded_running_then_done(
         assert image is not None
         assert image.complete
         assert all(_verified(store, v1.contents).values())
+        # FUSE got the layers when the header came in (no snapshot asked for them here).
+        fused = cast(FakeFused, pull.layers.fused)
+        assert [key for call, key in fused.calls if call == "attach"] == list(image.layers)
     assert metrics.value("starlight_worker_bundle_bytes_total") > 0
     assert metrics.value("starlight_worker_pulls_total", outcome="complete") == 1
 
