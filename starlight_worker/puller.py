@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import threading
@@ -452,7 +453,9 @@ class Pull:
     async def _on_header(self, header: BundleHeader) -> None:
         if not header.images:
             raise BundleProtocolError("the bundle names no image")
+        marks, omitted = [time.monotonic()], len(header.omitted)
         header = await anyio.to_thread.run_sync(fill_omitted, header, self._held_toc)
+        marks.append(time.monotonic())
         image = header.images[0]
         self._header = header
         # Base first, each on the layers below it (nearest first): implied directories take
@@ -498,8 +501,19 @@ class Pull:
                 config=image.config.encode(),
             )
         )
+        marks.append(time.monotonic())
         if self.options.register and not self.usable:
             await self._register_in_containerd(header)
+        marks.append(time.monotonic())
+        log.info(
+            "pull of %s: header (%d layers, %d omitted, %d extents) in place in %.0f ms "
+            "(file lists %.0f, store %.0f, containerd %.0f)",
+            self.options.reference,
+            len(header.layers),
+            omitted,
+            len(header.extents),
+            *(1000 * (b - a) for a, b in ((marks[0], marks[-1]), *itertools.pairwise(marks))),
+        )
         expected = sum(e.compressed_size for e in header.extents)
         self._publish(
             force=True,

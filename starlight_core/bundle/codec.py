@@ -154,14 +154,19 @@ def _draft(
         raise ValueError("images must match plan.targets one to one, with the same layers")
     omitted = tuple(i for i, toc in enumerate(plan.layers) if toc.layer.diff_id in omit)
     layers = list(plan.layers)
-    for i in omitted:
-        layers[i] = attrs.evolve(layers[i], entries=())
+    local = plan.local
+    if omitted:
+        for i in omitted:
+            layers[i] = attrs.evolve(layers[i], entries=())
+        # The worker holds the omitted layers whole: their contents need no local copy.
+        needed = {e.digest for toc in layers for e in toc.entries if e.has_content}
+        local = tuple(digest for digest in local if digest in needed)
     return BundleHeader(
         bundle_id=_ZERO_ID,
         images=tuple(images),
         layers=tuple(layers),
         extents=descriptors(plan.extents),
-        local=plan.local,
+        local=local,
         resume=resume,
         omitted=omitted,
     )

@@ -562,6 +562,10 @@ def test_layers_the_worker_holds_go_without_entries_and_are_filled_back() -> Non
     assert header.bundle_id != SAMPLE.header.bundle_id
     assert len(header_bytes) < len(SAMPLE.header_bytes)
     assert build_header(SAMPLE.plan, SAMPLE.header.images, omit={base.layer.diff_id}) == header
+    assert header.local == SAMPLE.header.local == (sha256_digest(b"cached"),)
+    # A content only an omitted layer holds is the worker's already: no local copy is due.
+    app = SAMPLE.plan.layers[1]
+    assert build_header(SAMPLE.plan, SAMPLE.header.images, omit={app.layer.diff_id}).local == ()
     reader = BundleReader()
     reader.receive_data(header_bytes)
     assert reader.next_event() == Header(header, len(header_bytes))
