@@ -339,7 +339,110 @@ converter.register_unstructure_hook(
 )
 register(_bundle.ImageInfo, forbid_extra_keys=True)
 register(_bundle.ResumeInfo, forbid_extra_keys=True)
-register(_bundle.BundleHeader, forbid_extra_keys=True, always=("version", "local"))
+
+# The header names a content sent or copied by where its TOC lists it, when it can: an
+# extent as [layer, entry, chunk], a local copy as [layer, entry] (indexes into ``layers``,
+# never an omitted one). Digests repeated from the TOCs would be most of the header's
+# compressed size (random hex does not compress); the full forms stay valid.
+_HEADER_FIELDS: Final[dict[str, Any]] = {
+    "version": override(omit_if_default=False),
+    "local": override(omit_if_default=False),
+}
+_structure_header_fields = make_dict_structure_fn(
+    _bundle.BundleHeader, converter, _cattrs_forbid_extra_keys=True, **_HEADER_FIELDS
+)
+_unstructure_header_fields = make_dict_unstructure_fn(
+    _bundle.BundleHeader, converter, _cattrs_omit_if_default=True, **_HEADER_FIELDS
+)
+
+
+def _extent_of(entry: toc.Entry, chunk_index: int) -> _bundle.ExtentDescriptor:
+    chunk = entry.chunks[chunk_index]
+    assert entry.digest is not None
+    return _bundle.ExtentDescriptor(
+        entry.digest, chunk_index, chunk.offset, chunk.size, chunk.compressed_size, chunk.digest
+    )
+
+
+def _unstructure_header(header: _bundle.BundleHeader) -> dict[str, Any]:
+    data: dict[str, Any] = _unstructure_header_fields(header)
+    omitted = set(header.omitted)
+    where: dict[Digest, list[int]] = {}
+    for layer, layer_toc in enumerate(header.layers):
+        if layer not in omitted:
+            for index, entry in enumerate(layer_toc.entries):
+                if entry.digest is not None and entry.has_content:
+                    where.setdefault(entry.digest, [layer, index])
+    extents: list[Any] = []
+    for extent, full in zip(header.extents, data["extents"], strict=True):
+        ref = where.get(extent.content)
+        if ref is not None:
+            entry = header.layers[ref[0]].entries[ref[1]]
+            if extent.chunk_index < len(entry.chunks) and (
+                _extent_of(entry, extent.chunk_index) == extent
+            ):
+                extents.append([*ref, extent.chunk_index])
+                continue
+        extents.append(full)
+    data["extents"] = extents
+    data["local"] = [where.get(digest, str(digest)) for digest in header.local]
+    return data
+
+
+def _referenced_entry(header: _bundle.BundleHeader, layer: Any, index: Any) -> toc.Entry:
+    if type(layer) is not int or type(index) is not int:
+        raise InvalidInput("a content reference is [layer, entry] of non-negative integers")
+    if not 0 <= layer < len(header.layers) or layer in header.omitted:
+        raise InvalidInput(f"a content reference names layer {layer}, which is not sent")
+    entries = header.layers[layer].entries
+    if not 0 <= index < len(entries) or not entries[index].has_content:
+        raise InvalidInput(f"a content reference names entry {index} of layer {layer}: no file")
+    return entries[index]
+
+
+def _structure_header(value: Any, _: Any) -> _bundle.BundleHeader:
+    if not isinstance(value, Mapping):
+        raise InvalidInput("a bundle header is an object")
+    extents, local = value.get("extents", []), value.get("local", [])
+    if not isinstance(extents, list) or not isinstance(local, list):
+        raise InvalidInput("a bundle header's extents and local are arrays")
+    header: _bundle.BundleHeader = _structure_header_fields(
+        {**value, "extents": [], "local": []}, _bundle.BundleHeader
+    )
+    try:
+        return _resolve_contents(header, extents, local)
+    except InvalidInput as exc:
+        raise InvalidInput(f"invalid bundle header: {exc.message}") from None
+
+
+def _resolve_contents(
+    header: _bundle.BundleHeader, extents: list[Any], local: list[Any]
+) -> _bundle.BundleHeader:
+    descriptors: list[_bundle.ExtentDescriptor] = []
+    for item in extents:
+        if type(item) is list and len(item) == 3:
+            entry = _referenced_entry(header, item[0], item[1])
+            chunk_index = item[2]
+            if type(chunk_index) is not int or not 0 <= chunk_index < len(entry.chunks):
+                raise InvalidInput(f"an extent names chunk {chunk_index!r} of a file without it")
+            descriptors.append(_extent_of(entry, chunk_index))
+        else:
+            descriptors.append(_structure_extent(item, None))
+    contents: list[Digest] = []
+    for item in local:
+        if type(item) is list and len(item) == 2:
+            digest = _referenced_entry(header, item[0], item[1]).digest
+            assert digest is not None
+            contents.append(digest)
+        elif isinstance(item, str):
+            contents.append(Digest(item))
+        else:
+            raise InvalidInput("a local content is a digest or [layer, entry]")
+    return attrs.evolve(header, extents=tuple(descriptors), local=tuple(contents))
+
+
+converter.register_structure_hook(_bundle.BundleHeader, _structure_header)
+converter.register_unstructure_hook(_bundle.BundleHeader, _unstructure_header)
 register(_bundle.EndRecord, forbid_extra_keys=True)
 register(_bundle.ErrorRecord, forbid_extra_keys=True)
 

@@ -18,10 +18,14 @@ Wire format
 * HEADER: the canonical JSON (``starlight_core.wire``, unknown keys refused) of a
   ``BundleHeader``: ``version`` (1), ``bundle_id``, ``images`` (reference, manifest and config
   digests with their exact text, media type, platform, layer indexes), ``layers`` (full TOCs),
-  ``extents`` (``[content, chunk_index, offset, size, compressed_size, chunk_digest]`` each, in
-  the order the EXTENT records follow), ``local`` (contents the worker copies from what it
-  holds), ``resume`` and ``omitted`` (layers sent as an entry-less TOC because the worker
-  named their diff_ids in the request's ``tocs``: it fills them in from its own store).
+  ``extents`` (in the order the EXTENT records follow, each ``[layer, entry, chunk]``: the
+  chunk of the file ``layers[layer].entries[entry]``, or where no sent TOC lists it exactly
+  ``[content, chunk_index, offset, size, compressed_size, chunk_digest]``), ``local``
+  (contents the worker copies from what it holds: ``[layer, entry]`` or a digest),
+  ``resume`` and ``omitted`` (layers sent as an entry-less TOC because the worker named
+  their diff_ids in the request's ``tocs``: it fills them in from its own store). Naming
+  contents by TOC position keeps random hex digests, which do not compress, out of the
+  header twice: 806 KB became 504 KB for a 6,300-file image.
   Compressed as one gzip member with mtime 0, so that equal headers are equal bytes.
 * EXTENT: the index of its descriptor in ``header.extents``, then the gzip member exactly as it
   lies in the layer blob (``compressed_size`` bytes). Record ``i`` is always extent ``i``.

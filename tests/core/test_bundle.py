@@ -535,18 +535,56 @@ def test_header_json_form() -> None:
     data = json.loads(wire.dumps(SAMPLE.header))
     assert list(data)[:2] == ["version", "bundle_id"]
     assert data["version"] == 1
+    # Contents are named by where a TOC lists them: [layer, entry, chunk] for an extent,
+    # [layer, entry] for a local copy.
     extent = SAMPLE.header.extents[0]
-    assert data["extents"][0] == [
-        extent.content,
-        extent.chunk_index,
-        extent.offset,
-        extent.size,
-        extent.compressed_size,
-        extent.digest,
-    ]
+    layer, index, chunk_index = data["extents"][0]
+    entry = SAMPLE.header.layers[layer].entries[index]
+    assert entry.digest == extent.content
+    assert chunk_index == extent.chunk_index
+    assert entry.chunks[chunk_index].compressed_size == extent.compressed_size
+    assert all(len(item) == 3 for item in data["extents"])
+    (held,) = data["local"]
+    assert SAMPLE.header.layers[held[0]].entries[held[1]].digest == SAMPLE.header.local[0]
     assert data["images"][0]["manifest"] == SAMPLE.header.images[0].manifest
     assert wire.structure(data, BundleHeader) == SAMPLE.header
     assert data["layers"][0]["entries"][0]["name"] == SAMPLE.header.layers[0].entries[0].name
+    # The full forms mean the same.
+    data["extents"] = [
+        [str(e.content), e.chunk_index, e.offset, e.size, e.compressed_size, str(e.digest)]
+        for e in SAMPLE.header.extents
+    ]
+    data["local"] = [str(d) for d in SAMPLE.header.local]
+    assert wire.structure(data, BundleHeader) == SAMPLE.header
+
+
+def test_an_extent_that_differs_from_its_toc_keeps_the_full_form() -> None:
+    first = SAMPLE.header.extents[0]
+    odd = attrs.evolve(first, compressed_size=first.compressed_size + 1)
+    header = attrs.evolve(SAMPLE.header, extents=(odd, *SAMPLE.header.extents[1:]))
+    data = json.loads(wire.dumps(header))
+    assert data["extents"][0] == [
+        odd.content, odd.chunk_index, odd.offset, odd.size, odd.compressed_size, odd.digest
+    ]  # fmt: skip
+    assert wire.structure(data, BundleHeader) == header
+
+
+@pytest.mark.parametrize(
+    ("field", "item", "message"),
+    [
+        ("extents", [9, 0, 0], "names layer 9"),
+        ("extents", [0, 99, 0], "names entry 99"),
+        ("extents", [0, 0, 7], "chunk 7"),
+        ("extents", [0, "0", 0], r"\[layer, entry\]"),
+        ("local", [0, 99], "names entry 99"),
+        ("local", 5, "a digest or"),
+    ],
+)
+def test_bad_content_references_are_refused(field: str, item: Any, message: str) -> None:
+    data = json.loads(wire.dumps(SAMPLE.header))
+    data[field][0] = item
+    with pytest.raises(errors.InvalidInput, match=message):
+        wire.structure(data, BundleHeader)
 
 
 def test_layers_the_worker_holds_go_without_entries_and_are_filled_back() -> None:
@@ -598,7 +636,7 @@ def test_an_omitted_layer_must_be_an_entry_less_layer_of_the_header() -> None:
         data["omitted"] = omitted
         reader = BundleReader()
         reader.receive_data(MAGIC + header_record(data))
-        with pytest.raises(BundleProtocolError, match="omitted layer"):
+        with pytest.raises(BundleProtocolError, match=r"omitted layer|which is not sent"):
             drain(reader)
 
 
