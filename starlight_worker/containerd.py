@@ -56,6 +56,10 @@ LABEL_GC_LAYER = "containerd.io/gc.ref.content.l.{index}"
 LABEL_SOURCE = "containerd.io/distribution.source.{registry}"
 LABEL_UNCOMPRESSED = "containerd.io/uncompressed"
 _TIMEOUT = 60.0
+UNAVAILABLE_PATIENCE = 10.0
+"""Seconds to keep retrying a call containerd answers with UNAVAILABLE: it cannot reach a
+plugin behind it — our snapshotter socket, which its gRPC client redials with backoff after the
+daemon (re)starts — and will shortly."""
 
 
 class ContainerdUnavailable(DaemonUnavailable):
@@ -78,7 +82,11 @@ def _translate(exc: GRPCError, what: str) -> StarlightError:
     if exc.status is Status.ALREADY_EXISTS:
         return AlreadyExists(message)
     if exc.status is Status.UNAVAILABLE:
-        return ContainerdUnavailable(message)
+        # containerd answered: what it could not reach is behind it (a snapshotter plugin).
+        return ContainerdUnavailable(
+            message,
+            hint="containerd cannot reach a plugin it needs (the starlight snapshotter socket?)",
+        )
     return StarlightError(message)
 
 
@@ -119,8 +127,17 @@ class ContainerdClient:
         return metadata
 
     async def _call(self, what: str, method, request):  # type: ignore[no-untyped-def]
+        deadline = anyio.current_time() + UNAVAILABLE_PATIENCE
+        delay = 0.1
         try:
-            return await method(request, metadata=self._metadata(), timeout=_TIMEOUT)
+            while True:
+                try:
+                    return await method(request, metadata=self._metadata(), timeout=_TIMEOUT)
+                except GRPCError as exc:
+                    if exc.status is not Status.UNAVAILABLE or anyio.current_time() >= deadline:
+                        raise
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         except GRPCError as exc:
             raise _translate(exc, what) from exc
         except (ConnectionError, FileNotFoundError, OSError) as exc:

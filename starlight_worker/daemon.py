@@ -79,6 +79,7 @@ class PullManager:
         """Asked before each background retry: False (the image was removed meanwhile, e.g.
         by ``ctr-starlight reset``) ends the retries."""
         self._active: dict[tuple[str, str, str], Pull] = {}
+        self._scopes: dict[int, anyio.CancelScope] = {}  # id(pull) -> where it runs
         self._retrying: dict[tuple[str, str, str], int] = {}
         """Images waiting for a background retry → attempts so far."""
 
@@ -97,11 +98,17 @@ class PullManager:
         return pull
 
     async def _run(self, key: tuple[str, str, str], pull: Pull) -> None:
+        scope = self._scopes[id(pull)] = anyio.CancelScope()
         try:
-            await pull.run()
+            with scope:
+                await pull.run()
         finally:
+            del self._scopes[id(pull)]
             if self._active.get(key) is pull:
                 del self._active[key]
+        if scope.cancel_called:  # stopped (reset): no retry
+            self._retrying.pop(key, None)
+            return
         if pull.error is None:
             self._retrying.pop(key, None)
         elif pull.usable and pull.record_id is not None:
@@ -127,6 +134,19 @@ class PullManager:
             log.info("pull of %s: its image was removed; no more retries", options.reference)
             return
         self.start(options)
+
+    async def stop_all(self) -> list[str]:
+        """Cancel every pull under way and forget pending retries (a retry due later also
+        ends once its image is gone); returns when the cancelled pulls have ended."""
+        pulls = list(self._active.values())
+        for pull in pulls:
+            scope = self._scopes.get(id(pull))
+            if scope is not None:
+                scope.cancel()
+        self._retrying.clear()
+        for pull in pulls:
+            await pull.done.wait()
+        return [str(pull.options.reference) for pull in pulls]
 
     @property
     def retrying(self) -> list[str]:
@@ -238,16 +258,22 @@ class Daemon:
             self.store.close()
 
     async def reset(self, *, dry_run: bool = False) -> list[str]:
-        """Remove what starlight created, and nothing else of containerd's: containers on the
-        starlight snapshotter (their tasks killed), images starlight pulled (when containerd's
-        record still points at what we pulled), the snapshots in the starlight snapshotter, the
-        FUSE attachments, and the store's images and layers. Returns what was (or would be)
-        removed."""
+        """Stop the pulls under way, then remove what starlight created, and nothing else of
+        containerd's: containers on the starlight snapshotter (their tasks killed), images
+        starlight pulled (when containerd's record still points at what we pulled), the
+        snapshots in the starlight snapshotter, the FUSE attachments, and the store's images and
+        layers. Returns what was (or would be) removed."""
         assert self.store is not None
         assert self.layers is not None
         assert self.fused is not None
         assert self.snapshotter is not None
         removed: list[str] = []
+        # A pull going on would recreate what is removed: stop them first.
+        if self.pulls is not None:
+            if dry_run:
+                removed.extend(f"pull of {pull.options.reference}" for pull in self.pulls.active)
+            else:
+                removed.extend(f"pull of {ref}" for ref in await self.pulls.stop_all())
         images = await anyio.to_thread.run_sync(self.store.images)
         namespaces = {self.config.namespace} | {image.namespace for image in images}
         for namespace in sorted(namespaces):

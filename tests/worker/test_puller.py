@@ -164,6 +164,39 @@ async def test_retries_end_once_the_image_is_no_longer_wanted() -> None:
     assert manager.retrying == []
 
 
+@attrs.define(eq=False)
+class EndlessPull(FakePull):
+    """READY at once, then streams forever (a slow link) until cancelled."""
+
+    async def run(self) -> None:
+        self.started.append(self.options)
+        self.record_id, self.usable = 7, True
+        self.ready.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.done.set()
+
+
+async def test_stop_all_cancels_pulls_under_way_and_retries_none() -> None:
+    started: list[PullOptions] = []
+    async with anyio.create_task_group() as tasks:
+        manager = PullManager(
+            tasks, lambda o: cast(Pull, EndlessPull(o, [], started)), backoff_max=0.01
+        )
+        pull = manager.start(_options())
+        await pull.ready.wait()
+        assert manager.active == [pull]
+        with anyio.fail_after(10):
+            assert await manager.stop_all() == ["registry.test/app:v1"]
+        assert pull.done.is_set()
+        await anyio.sleep(0.1)  # no retry comes
+        assert manager.active == []
+        assert manager.retrying == []
+        assert await manager.stop_all() == []
+    assert len(started) == 1
+
+
 # --- the reaper's reading of the mount table -----------------------------------------------------
 
 
