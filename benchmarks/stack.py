@@ -79,28 +79,40 @@ class Stack:
 
 
 def start_stack(
-    workdir: Path, registry: Registry, *, content_timeout: float = 60.0, direct: bool = False
+    workdir: Path,
+    registry: Registry,
+    *,
+    content_timeout: float = 60.0,
+    direct: bool = False,
+    metrics: bool = False,
+    extra: dict[str, str] | None = None,
+    before_daemon: Callable[[DaemonProcess], None] | None = None,
 ) -> Stack:
     """Start proxy, containerd and daemon. The daemon reaches the proxy through ``stack.link``
     (a fault-injecting forwarder, itself a Python process hop) unless ``direct``: measurements
-    use ``direct=True`` so the forwarder's own speed does not count."""
+    use ``direct=True`` so the forwarder's own speed does not count. ``metrics`` serves the
+    daemon's metrics, ``extra`` sets daemon config keys, ``before_daemon`` runs once the
+    daemon's directories are known, before it starts (e.g. to mount its root)."""
     proxy = ProxyProcess(
         workdir / "proxy", registries=[{"host": registry.host, "plain_http": True}]
     )
     proxy.start()
     link = FaultyProxy(proxy.url)
     link.start()
-    daemon_dir = workdir / "daemon"
     daemon = DaemonProcess(
-        daemon_dir,
+        workdir / "daemon",
         proxy=proxy.url if direct else link.url,
         containerd_address="",
         content_timeout=content_timeout,
+        metrics=metrics,
+        extra=extra,
     )
     containerd = Containerd(workdir / "containerd", snapshotter_socket=daemon.snapshotter_socket)
     containerd.start()
     daemon.containerd_address = containerd.address
     daemon.namespace = containerd.namespace
+    if before_daemon is not None:
+        before_daemon(daemon)
     daemon.start()
     return Stack(registry, proxy, link, containerd, daemon)
 

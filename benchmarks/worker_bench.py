@@ -42,12 +42,9 @@ from typing import Any
 
 from benchmarks.images.build import push_image
 from benchmarks.images.busybox import busybox_members
-from benchmarks.services.containerd import Containerd
-from benchmarks.services.daemon import DaemonProcess
-from benchmarks.services.faulty import Fault, FaultyProxy
-from benchmarks.services.proxy import ProxyProcess
+from benchmarks.services.faulty import Fault
 from benchmarks.services.registry import Registry
-from benchmarks.stack import Stack, stop_stack
+from benchmarks.stack import Stack, start_stack, stop_stack
 from starlight_core.bundle import NEED_DATA, BundleReader, End, Extent
 from starlight_core.digest import Digest
 from starlight_core.reference import Reference
@@ -58,26 +55,13 @@ __all__ = ["main", "refetched", "restart", "steady_state"]
 
 
 def _start(workdir: Path, registry: Registry) -> Stack:
-    proxy = ProxyProcess(
-        workdir / "proxy", registries=[{"host": registry.host, "plain_http": True}]
-    )
-    proxy.start()
-    link = FaultyProxy(proxy.url)
-    link.start()
-    daemon = DaemonProcess(
-        workdir / "daemon",
-        proxy=link.url,
-        containerd_address="",
+    return start_stack(
+        workdir,
+        registry,
         content_timeout=120.0,
         metrics=True,
         extra={"detach_after": "2", "retry_backoff_max": "2", "log_level": "info"},
     )
-    containerd = Containerd(workdir / "containerd", snapshotter_socket=daemon.snapshotter_socket)
-    containerd.start()
-    daemon.containerd_address = containerd.address
-    daemon.namespace = containerd.namespace
-    daemon.start()
-    return Stack(registry, proxy, link, containerd, daemon)
 
 
 def _wait(predicate: Callable[[], bool], what: str, timeout: float = 600.0) -> None:

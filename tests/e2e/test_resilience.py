@@ -24,12 +24,10 @@ from typing import Any
 import pytest
 
 from benchmarks.images.busybox import busybox_members
-from benchmarks.services.containerd import Containerd
 from benchmarks.services.daemon import DaemonProcess
-from benchmarks.services.faulty import Fault, FaultyProxy
-from benchmarks.services.proxy import ProxyProcess
+from benchmarks.services.faulty import Fault
 from benchmarks.services.registry import Registry
-from benchmarks.stack import Stack, stop_stack
+from benchmarks.stack import Stack, start_stack, stop_stack
 from starlight_core.bundle import NEED_DATA, BundleReader, End, Extent, Header
 from starlight_core.digest import Digest
 from starlight_core.oci import chain_ids
@@ -69,28 +67,14 @@ def start_observed_stack(
     """``tests.e2e.conftest.start_stack`` with the daemon's metrics on, a short FUSE detach
     delay and short retry delays (``extra`` overrides daemon config keys); ``before_daemon``
     runs once the daemon's directories are known, before it starts (e.g. to mount its root)."""
-    proxy = ProxyProcess(
-        workdir / "proxy", registries=[{"host": registry.host, "plain_http": True}]
-    )
-    proxy.start()
-    link = FaultyProxy(proxy.url)
-    link.start()
-    daemon = DaemonProcess(
-        workdir / "daemon",
-        proxy=link.url,
-        containerd_address="",
+    return start_stack(
+        workdir,
+        registry,
         content_timeout=content_timeout,
         metrics=True,
         extra={"detach_after": "2", "retry_backoff_max": "2", **(extra or {})},
+        before_daemon=before_daemon,
     )
-    containerd = Containerd(workdir / "containerd", snapshotter_socket=daemon.snapshotter_socket)
-    containerd.start()
-    daemon.containerd_address = containerd.address
-    daemon.namespace = containerd.namespace
-    if before_daemon is not None:
-        before_daemon(daemon)
-    daemon.start()
-    return Stack(registry, proxy, link, containerd, daemon)
 
 
 @pytest.fixture(scope="module")
