@@ -344,16 +344,9 @@ register(_bundle.ResumeInfo, forbid_extra_keys=True)
 # extent as [layer, entry, chunk], a local copy as [layer, entry] (indexes into ``layers``,
 # never an omitted one). Digests repeated from the TOCs would be most of the header's
 # compressed size (random hex does not compress); the full forms stay valid.
-_HEADER_FIELDS: Final[dict[str, Any]] = {
-    "version": override(omit_if_default=False),
-    "local": override(omit_if_default=False),
-}
-_structure_header_fields = make_dict_structure_fn(
-    _bundle.BundleHeader, converter, _cattrs_forbid_extra_keys=True, **_HEADER_FIELDS
-)
-_unstructure_header_fields = make_dict_unstructure_fn(
-    _bundle.BundleHeader, converter, _cattrs_omit_if_default=True, **_HEADER_FIELDS
-)
+register(_bundle.BundleHeader, forbid_extra_keys=True, always=("version", "local"))
+_structure_header_fields = converter.get_structure_hook(_bundle.BundleHeader)
+_unstructure_header_fields = converter.get_unstructure_hook(_bundle.BundleHeader)
 
 
 def _extent_of(entry: toc.Entry, chunk_index: int) -> _bundle.ExtentDescriptor:
@@ -365,7 +358,8 @@ def _extent_of(entry: toc.Entry, chunk_index: int) -> _bundle.ExtentDescriptor:
 
 
 def _unstructure_header(header: _bundle.BundleHeader) -> dict[str, Any]:
-    data: dict[str, Any] = _unstructure_header_fields(header)
+    # The other fields as declared; extents and local (keeping their place) are written here.
+    data: dict[str, Any] = _unstructure_header_fields(attrs.evolve(header, extents=(), local=()))
     omitted = set(header.omitted)
     where: dict[Digest, list[int]] = {}
     for layer, layer_toc in enumerate(header.layers):
@@ -374,7 +368,7 @@ def _unstructure_header(header: _bundle.BundleHeader) -> dict[str, Any]:
                 if entry.digest is not None and entry.has_content:
                     where.setdefault(entry.digest, [layer, index])
     extents: list[Any] = []
-    for extent, full in zip(header.extents, data["extents"], strict=True):
+    for extent in header.extents:
         ref = where.get(extent.content)
         if ref is not None:
             entry = header.layers[ref[0]].entries[ref[1]]
@@ -383,7 +377,7 @@ def _unstructure_header(header: _bundle.BundleHeader) -> dict[str, Any]:
             ):
                 extents.append([*ref, extent.chunk_index])
                 continue
-        extents.append(full)
+        extents.append(converter.unstructure(extent, _bundle.ExtentDescriptor))
     data["extents"] = extents
     data["local"] = [where.get(digest, str(digest)) for digest in header.local]
     return data
