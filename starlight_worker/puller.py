@@ -78,7 +78,7 @@ from starlight_worker.layers import LABEL_IMAGE, LABEL_LAYER, StarlightLayers
 from starlight_worker.metrics import Metrics
 from starlight_worker.store import LayerHandle, Store
 from starlight_worker.store.beneath import disk_error
-from starlight_worker.store.store import layer_key
+from starlight_worker.store.store import layer_diff_id, layer_key
 
 __all__ = ["Phase", "Pull", "PullOptions", "PullProgress"]
 
@@ -321,7 +321,7 @@ class Pull:
             refs = [r for r in same + others if r != str(target)][:32]
         named = set(refs)
         keys = {key for image in held if image.reference in named for key in image.layers}
-        tocs = [Digest(key.replace("-", ":", 1)) for key in sorted(keys)]
+        tocs = [layer_diff_id(key) for key in sorted(keys)]
         return tuple(refs), tuple(tocs)
 
     def _held_toc(self, layer: LayerInfo) -> TOC:

@@ -51,7 +51,7 @@ from starlight_worker.store.lifecycle import LayerEvent, LayerState, transition
 from starlight_worker.store.model import ImageRecord, LayerRecord, PullRecord, PullState
 from starlight_worker.store.plan import plan_layer
 
-__all__ = ["Store", "layer_key", "toc_fingerprint"]
+__all__ = ["Store", "layer_diff_id", "layer_key", "toc_fingerprint"]
 
 _KEY_RE: Final = re.compile(r"^[a-z0-9]+-[0-9a-f]{32,128}$")
 
@@ -60,6 +60,12 @@ def layer_key(diff_id: Digest | str) -> str:
     """The store's name for the layer with this diff_id: ``sha256-<hex>``."""
     digest = Digest(diff_id)
     return f"{digest.algorithm}-{digest.hex}"
+
+
+def layer_diff_id(key: str) -> Digest:
+    """The diff_id of the layer the store names ``key`` (``layer_key``'s inverse)."""
+    algorithm, hex_digits = _check_key(key).split("-", 1)
+    return Digest(f"{algorithm}:{hex_digits}")
 
 
 def _check_key(key: str) -> str:

@@ -13,10 +13,17 @@ from starlight_core.digest import sha256_digest
 from starlight_core.errors import FailedPrecondition, ImageNotFound, InvalidInput, NotFound
 from starlight_core.platform import Platform
 from starlight_worker.store import PullState, Store, layer_key
+from starlight_worker.store.store import layer_diff_id
 from tests.worker.store.support import entries_layer, file_entry, fill, place_bytes
 
 KEY_A = layer_key(sha256_digest(b"layer a"))
 KEY_B = layer_key(sha256_digest(b"layer b"))
+
+
+def test_a_layer_key_gives_back_its_diff_id() -> None:
+    assert layer_diff_id(KEY_A) == sha256_digest(b"layer a")
+    with pytest.raises(InvalidInput, match="invalid layer key"):
+        layer_diff_id("sha256:" + "0" * 64)
 
 
 def record(store: Store, reference: str, layers: list[str], namespace: str = "default") -> None:
