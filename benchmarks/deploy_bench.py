@@ -76,13 +76,7 @@ def deploy_times(stack: Stack) -> dict[str, float]:
         "convert", "-q", "--plain-http", "--notify", str(source), str(converted)
     )
     assert code == 0, err
-    ctr = [
-        stack.containerd.ctr_binary,
-        "-a",
-        stack.containerd.address,
-        "-n",
-        stack.containerd.namespace,
-    ]
+    ctr = stack.containerd.ctr_argv()
     cli = str(Path(sys.executable).with_name("ctr-starlight"))
     env_cli = [
         cli,

@@ -57,19 +57,14 @@ def _container(
     containerd: Containerd, reference: Reference, port: int, workload: Workload, log: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     name = f"{workload.name}-{uuid.uuid4().hex[:8]}"
-    command = [
-        containerd.ctr_binary,
-        "-a",
-        containerd.address,
-        "-n",
-        containerd.namespace,
+    command = containerd.ctr_argv(
         "run",
         "--rm",
         "--net-host",
         *[arg for env in workload.run_env(port) for arg in ("--env", env)],
         str(reference),
         name,
-    ]
+    )
     handle: IO[bytes] = log.open("wb")
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=handle, stderr=handle)
     try:

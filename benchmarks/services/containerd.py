@@ -100,6 +100,12 @@ class Containerd(ServiceProcess):
         self._unmount_leftovers()
         self._remove_namespace_leftovers()
 
+    def ctr_argv(self, *args: str, binary: str | None = None) -> list[str]:
+        """The ``ctr`` command line (``binary`` instead of ctr) for this containerd and
+        namespace, for callers that start it themselves (not inside ``netns``)."""
+        tool = binary if binary is not None else self.ctr_binary
+        return [tool, "-a", self.address, "-n", self.namespace, *args]
+
     def ctr(
         self,
         *args: str,
@@ -112,8 +118,7 @@ class Containerd(ServiceProcess):
         ``CalledProcessError`` whose message includes ctr's stderr. ``binary`` runs a
         ctr-compatible client instead (e.g. ``ctr-remote``, whose ``images rpull`` pulls
         through containerd's unpacker and so through the remote-snapshot protocol)."""
-        tool = binary if binary is not None else self.ctr_binary
-        command = netns_argv(self.netns, [tool, "-a", self.address, "-n", self.namespace, *args])
+        command = netns_argv(self.netns, self.ctr_argv(*args, binary=binary))
         result = subprocess.run(
             command, input=input, capture_output=True, text=True, timeout=timeout, check=False
         )

@@ -235,12 +235,7 @@ class Container:
         containerd = self.edge.containerd
         argv = self.edge.link.argv(
             "edge",
-            [
-                containerd.ctr_binary,
-                "-a",
-                containerd.address,
-                "-n",
-                containerd.namespace,
+            containerd.ctr_argv(
                 "run",
                 "--rm",
                 "--net-host",
@@ -249,7 +244,7 @@ class Container:
                 *[arg for env in self.workload.run_env() for arg in ("--env", env)],
                 self.reference,
                 self.name,
-            ],
+            ),
         )
         self._handle = self.log.open("wb")
         self.started = time.monotonic()
@@ -343,20 +338,7 @@ def wait_complete(socket: str, reference: str, *, timeout: float) -> float:
 
 def pull_stock(edge: WanEdge, reference: str) -> Finished:
     containerd = edge.containerd
-    argv = edge.link.argv(
-        "edge",
-        [
-            containerd.ctr_binary,
-            "-a",
-            containerd.address,
-            "-n",
-            containerd.namespace,
-            "images",
-            "pull",
-            "--plain-http",
-            reference,
-        ],
-    )
+    argv = edge.link.argv("edge", containerd.ctr_argv("images", "pull", "--plain-http", reference))
     return _check(run_measured(argv), f"ctr images pull {reference}")
 
 

@@ -209,11 +209,10 @@ def test_a_trace_survives_a_daemon_crash(stack: Stack, image: Reference) -> None
     _cli(stack, "optimizer", "on")
     stack.pull(image, "--wait")
     name = f"c-{uuid.uuid4().hex[:10]}"
-    ctr = [
-        "ctr", "-a", stack.containerd.address, "-n", stack.containerd.namespace,
+    ctr = stack.containerd.ctr_argv(
         "run", "--rm", "--snapshotter", "starlight", str(image), name,
         "/bin/sh", "-c", "cat /a/2 >/dev/null; sleep 4; cat /b/3 >/dev/null",
-    ]  # fmt: skip
+    )  # fmt: skip
     running = subprocess.Popen(ctr, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(1.5)
@@ -233,12 +232,11 @@ def test_a_trace_survives_a_daemon_crash(stack: Stack, image: Reference) -> None
 
 
 def _start(stack: Stack, image: Reference, script: str, sync_dir: Path) -> subprocess.Popen[bytes]:
-    ctr = [
-        "ctr", "-a", stack.containerd.address, "-n", stack.containerd.namespace,
+    ctr = stack.containerd.ctr_argv(
         "run", "--rm", "--snapshotter", "starlight",
         "--mount", f"type=bind,src={sync_dir},dst=/sync,options=rbind:ro",
         str(image), f"c-{uuid.uuid4().hex[:10]}", "/bin/sh", "-c", script,
-    ]  # fmt: skip
+    )  # fmt: skip
     return subprocess.Popen(ctr, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
