@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -114,7 +115,26 @@ def start_stack(
     if before_daemon is not None:
         before_daemon(daemon)
     daemon.start()
+    wait_snapshotter_reachable(containerd)
     return Stack(registry, proxy, link, containerd, daemon)
+
+
+def snapshotter_reachable(containerd: Containerd) -> bool:
+    """containerd (re)connects to the starlight snapshotter on its own schedule (gRPC backoff
+    once the socket appears or comes back): until then its calls to it fail at once."""
+    ls = containerd.ctr("snapshots", "--snapshotter", "starlight", "ls", check=False)
+    return ls.returncode == 0
+
+
+def wait_snapshotter_reachable(containerd: Containerd, timeout: float = 60.0) -> None:
+    """Block until containerd reaches the starlight snapshotter (after a daemon start)."""
+    deadline = time.monotonic() + timeout
+    while not snapshotter_reachable(containerd):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"containerd did not reach the starlight snapshotter within {timeout:.0f}s"
+            )
+        time.sleep(0.1)
 
 
 def stop_stack(stack: Stack) -> None:
@@ -215,6 +235,7 @@ def start_wan_edge(workdir: Path, cloud: WanCloud, *, content_timeout: float = 3
         daemon.containerd_address = containerd.address
         daemon.namespace = containerd.namespace
         daemon.start()
+        wait_snapshotter_reachable(containerd)
     except BaseException:
         containerd.stop()
         daemon.close()

@@ -27,7 +27,7 @@ from benchmarks.images.busybox import busybox_members
 from benchmarks.services.daemon import DaemonProcess
 from benchmarks.services.faulty import Fault
 from benchmarks.services.registry import Registry
-from benchmarks.stack import Stack, start_stack, stop_stack
+from benchmarks.stack import Stack, snapshotter_reachable, start_stack, stop_stack
 from starlight_core.bundle import NEED_DATA, BundleReader, End, Extent, Header
 from starlight_core.digest import Digest
 from starlight_core.oci import chain_ids
@@ -449,13 +449,6 @@ def test_ctr_starlight_images_shows_how_much_is_local(stack: Stack, publish: Pub
     assert "(pulling)" not in line
 
 
-def containerd_reaches_the_snapshotter(stack: Stack) -> bool:
-    """containerd reconnects to a restarted snapshotter on its own schedule (grpc backoff):
-    until then its calls fail at once."""
-    ls = stack.containerd.ctr("snapshots", "--snapshotter", "starlight", "ls", check=False)
-    return ls.returncode == 0
-
-
 def test_a_clean_restart_changes_nothing(stack: Stack, publish: Publish) -> None:
     """Stop and start with nothing to resume: the same images, no pull resumed, and new
     containers start once containerd has reconnected."""
@@ -466,7 +459,7 @@ def test_a_clean_restart_changes_nothing(stack: Stack, publish: Publish) -> None
     stack.daemon.start()
     assert images(stack) == before
     assert stack.daemon.metric("starlight_worker_pulls_total", outcome="resumed") == 0
-    wait_until(lambda: containerd_reaches_the_snapshotter(stack), "containerd to reconnect")
+    wait_until(lambda: snapshotter_reachable(stack.containerd), "containerd to reconnect")
     data = data_files(3, 1000, "clean")["data/f002.bin"]
     out = stack.run(converted, "sha256sum", "/data/f002.bin")
     assert out.split()[0] == sha256_hex(data)
